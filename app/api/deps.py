@@ -1,0 +1,116 @@
+"""What routes share: the app's state, client-key auth, and body parsing."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from app.config import Settings
+from app.errors import AuthenticationFailed, InvalidRequest
+from app.routing import Router
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(slots=True)
+class GatewayState:
+    settings: Settings
+    router: Router
+    client_keys: tuple[bytes, ...]
+
+
+def gateway(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+State = Annotated[GatewayState, Depends(gateway)]
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.scope["state"]["request_id"]
+    return rid
+
+
+RequestId = Annotated[str, Depends(request_id)]
+
+
+def _key_matches(keys: tuple[bytes, ...], token: str | None) -> bool:
+    if not token:
+        return False
+    candidate = token.encode()
+    found = False
+    for key in keys:  # no early exit: the time taken says nothing about which key
+        found |= hmac.compare_digest(key, candidate)
+    return found
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _check(request: Request, *, allow_query: bool) -> None:
+    keys = gateway(request).client_keys
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None and allow_query:
+        # EventSource cannot send headers (API.md, Running and configuring).
+        token = request.query_params.get("access_token")
+    if not _key_matches(keys, token):
+        raise AuthenticationFailed(
+            "missing or invalid API key: send 'Authorization: Bearer <key>'"
+            + (" or ?access_token=<key>" if allow_query else ""),
+            code="invalid_api_key",
+        )
+
+
+def require_key(request: Request) -> None:
+    _check(request, allow_query=False)
+
+
+def require_key_or_token(request: Request) -> None:
+    _check(request, allow_query=True)
+
+
+def describe(exc: ValidationError) -> tuple[str, str | None]:
+    """The first problem as 'field: message', and the field as the ``param``."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
+    # Union members add their type names to the path; keep the fields only.
+    loc = [p for p in loc if p not in ("str", "list[union[TextPart,ImagePart]]")]
+    field = ".".join(loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    return (f"{field}: {msg}" if field else msg), field
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, field = describe(exc)
+        raise InvalidRequest(message, param=field, code="invalid_value") from None
+
+
+async def json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return data

@@ -1,0 +1,49 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.background import BackgroundTask
+
+from app.api.deps import RequestId, State, json_body, require_key, validate
+from app.api.schemas import ChatCompletionBody
+from app.wire.openai import OpenAIStreamEncoder, collect_completion
+from app.wire.sse import dumps, sse_response
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
+    body = validate(ChatCompletionBody, await json_body(request))
+    targets = state.router.resolve(body.model)
+    gen = await state.router.open(targets, body.to_request(rid))
+    if not body.stream:
+        result = await collect_completion(gen.events(), model=gen.model)
+        return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    encoder = OpenAIStreamEncoder(model=gen.model, include_usage=include_usage)
+    return sse_response(
+        encoder.stream(gen.events()),
+        request_id=rid,
+        ping_interval=state.settings.ping_interval_s,
+        background=BackgroundTask(gen.aclose),
+    )
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> Response:
+    created = int(time.time())
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": name.partition("/")[0] if "/" in name else "gateway",
+        }
+        for name in state.router.available()
+    ]
+    return Response(dumps({"object": "list", "data": data}), media_type="application/json")

@@ -1,0 +1,145 @@
+"""Settings, read from the environment or ``.env`` (``.env.example`` lists them all).
+
+Gateway settings start with ``GATEWAY_``; provider credentials keep the SDKs'
+own names (``OPENAI_API_KEY``, ``ANTHROPIC_BASE_URL``, ...). Nothing here is
+read at import time: ``load_settings()`` is called by the app factory and by
+``python -m app``, and tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local"]
+
+LOCAL_MODEL_ID = "gemma-3-270m"
+
+
+class ProviderConfig(BaseModel):
+    """One named upstream. ``models`` limits which model ids it serves; empty = any."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    models: list[str] = Field(default_factory=list)
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    total_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class AliasConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    targets: list[str] = Field(min_length=1)
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    allow_unauthenticated: bool = False
+    # Unset: the embedded model when it is available, else requests must name one.
+    default_model: str | None = None
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    aliases: dict[str, AliasConfig] = Field(default_factory=dict)
+
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    first_token_timeout_s: float = Field(default=120.0, gt=0)
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    total_timeout_s: float = Field(default=900.0, gt=0)
+    ping_interval_s: float = Field(default=15.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    resume_grace_s: float = Field(default=10.0, ge=0)
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    redis_url: str | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # The embedded model (provider "local").
+    local_enabled: bool = True
+    local_model_path: str | None = None
+    local_max_waiting: int = Field(default=8, ge=0)
+    local_n_ctx: int = Field(default=2048, ge=256)
+    local_threads: int | None = Field(default=None, ge=1)
+
+    # Provider credentials under the SDKs' own names.
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "anthropic_api_key")
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url"),
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def provider_configs(self) -> dict[str, ProviderConfig]:
+        """Every configured provider by name: built-ins from credentials, then GATEWAY_PROVIDERS."""
+        found: dict[str, ProviderConfig] = {}
+        if self.local_enabled:
+            found["local"] = ProviderConfig(kind="local", models=[LOCAL_MODEL_ID])
+        if self.openai_api_key is not None:
+            found["openai"] = ProviderConfig(
+                kind="openai", api_key=self.openai_api_key, base_url=self.openai_base_url
+            )
+        if self.anthropic_api_key is not None:
+            found["anthropic"] = ProviderConfig(
+                kind="anthropic", api_key=self.anthropic_api_key, base_url=self.anthropic_base_url
+            )
+        found.update(self.providers)
+        return found
+
+
+class SettingsError(Exception):
+    """An invalid setting; the message names it and never echoes a secret."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        name = f"GATEWAY_{loc.split('.')[0].upper()}" if loc else "settings"
+        where = f" ({loc})" if "." in loc else ""
+        lines.append(f"invalid setting {name}{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None

@@ -1,0 +1,183 @@
+"""Every failure the gateway reports, and its one mapping to the wire.
+
+::
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request_error
+    ├── AuthenticationFailed          401 authentication_error
+    ├── NotFound                      404 not_found_error (unknown model, stream)
+    ├── PayloadTooLarge               413 request_too_large
+    ├── RateLimited                   429 rate_limit_error        (Retry-After)
+    ├── Overloaded                    503 overloaded_error        (Retry-After)
+    └── UpstreamError                 502 upstream_error
+        ├── UpstreamStatus            the upstream's own 4xx/5xx, its message kept
+        ├── UpstreamAuthFailed        502 the provider refused the gateway's own key
+        ├── UpstreamUnavailable       502 connect error, reset before headers
+        ├── UpstreamTimeout           504 timeout (connect, first token, idle, total)
+        └── UpstreamTruncated         502 upstream_truncated (cut, unparseable chunk)
+
+Before the first byte an error becomes a status and OpenAI's JSON body; after
+it, an in-band ``error`` event (see ``app.wire``). Messages are written for
+clients: they never carry a key, a stack trace or an upstream's raw body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def is_retryable(self) -> bool:
+        return self.retryable
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error shape: ``{"error": {"message", "type", "code", "param"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+    def in_band(self) -> dict[str, Any]:
+        """The simple protocol's ``error`` event payload."""
+        err = self.body()["error"]
+        return {
+            "error": {
+                "type": err["type"],
+                "code": err["code"],
+                "message": self.message,
+                "retryable": self.is_retryable,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(0, round(self.retry_after)))}
+
+    def json_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    retryable = True
+
+
+class Overloaded(GatewayError):
+    status = 503
+    error_type = "overloaded_error"
+    retryable = True
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    error_type = "upstream_error"
+    retryable = True
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status; we pass its status on."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int,
+        error_type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, param=param, retry_after=retry_after)
+        self.upstream_status = upstream_status
+        self._type = error_type
+
+    @property
+    def http_status(self) -> int:
+        # A 4xx that explains the problem goes to the client as it is; an
+        # upstream 5xx is a bad gateway from the client's point of view, except
+        # 503 (overloaded) and 504, which keep their meaning.
+        s = self.upstream_status
+        if 400 <= s < 500:
+            return s
+        return s if s in (503, 504) else 502
+
+    @property
+    def is_retryable(self) -> bool:
+        s = self.upstream_status
+        return s in (408, 409, 429) or s >= 500
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["type"] = self._type or (
+            "invalid_request_error" if 400 <= self.upstream_status < 500 else "upstream_error"
+        )
+        return body
+
+
+class UpstreamAuthFailed(UpstreamError):
+    error_type = "upstream_auth_error"
+    retryable = False
+
+
+class UpstreamUnavailable(UpstreamError):
+    error_type = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout"
+
+
+class UpstreamTruncated(UpstreamError):
+    error_type = "upstream_truncated"

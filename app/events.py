@@ -1,0 +1,96 @@
+"""What a provider stream is made of, whatever the provider.
+
+Providers turn their upstream's chunks into these; wire encoders turn them into
+bytes. They are slotted dataclasses, not pydantic models: one is built for
+every relayed token, so construction has to cost next to nothing.
+
+``ChatEvent`` is a closed union: encoders dispatch on the class and end with
+``assert_never`` so a new event type cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal[
+    "stop", "length", "tool_calls", "content_filter", "cancelled", "error", "timeout"
+]
+
+
+@dataclass(slots=True)
+class Start:
+    """The upstream accepted the request (status 2xx); nothing generated yet.
+
+    ``model`` and ``provider`` are the gateway's names for the target; the
+    relay fills them in.
+    """
+
+    upstream_model: str | None = None
+    model: str = ""
+    provider: str = ""
+    type: Literal["start"] = field(default="start", init=False)
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+    type: Literal["text"] = field(default="text", init=False)
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, in OpenAI's streaming shape.
+
+    The first delta of a call carries ``id`` and ``name``; later ones only add
+    to ``arguments`` (a JSON text in pieces).
+    """
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    type: Literal["tool_call"] = field(default="tool_call", init=False)
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as far as known; a later Usage overrides the fields it sets."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    type: Literal["usage"] = field(default="usage", init=False)
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: FinishReason
+    type: Literal["finish"] = field(default="finish", init=False)
+
+
+@dataclass(slots=True)
+class Error:
+    """A failure after the stream started; always followed by a Finish."""
+
+    error: Any  # app.errors.GatewayError; Any to keep this module import-free
+    type: Literal["error"] = field(default="error", init=False)
+
+
+@dataclass(slots=True)
+class End:
+    """The relay's last word on a generation (never produced by a provider)."""
+
+    finish_reason: FinishReason
+    input_tokens: int | None
+    output_tokens: int | None
+    model: str
+    provider: str
+    ttft_ms: int | None
+    duration_ms: int
+    type: Literal["end"] = field(default="end", init=False)
+
+    def usage(self) -> dict[str, int | None]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+
+ChatEvent = Start | TextDelta | ToolCallDelta | Usage | Finish | Error | End

@@ -1,0 +1,115 @@
+"""``create_app()``: providers and router, routes, error handlers, middleware.
+
+``app.main:create_app`` is the ASGI factory (``uvicorn --factory``); ``app``
+below is a lazy module attribute so that ``app.main:app`` works for any ASGI
+server without building anything at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from app.api import chat, health, openai
+from app.api.deps import GatewayState, describe
+from app.config import Settings, load_settings
+from app.errors import GatewayError, InvalidRequest
+from app.middleware import RequestContext
+from app.providers import build_provider
+from app.routing import Router
+
+log = logging.getLogger("app")
+
+
+def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _json(exc.http_status, exc.json_bytes(), exc.headers())
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    message, field = describe(exc)  # type: ignore[arg-type]
+    return await _gateway_error(request, InvalidRequest(message, param=field))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kinds = {404: "not_found_error", 405: "invalid_request_error"}
+    err = GatewayError(str(exc.detail))
+    body = err.body()
+    body["error"]["type"] = kinds.get(exc.status_code, "invalid_request_error")
+    from app.wire.sse import dumps
+
+    return _json(exc.status_code, dumps(body), dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # The client gets no detail; the log gets the type (and the trace at debug).
+    rid = request.scope.get("state", {}).get("request_id", "-")
+    log.error(
+        "unhandled %s rid=%s", type(exc).__name__, rid, exc_info=log.isEnabledFor(logging.DEBUG)
+    )
+    return _json(500, GatewayError("internal error").json_bytes())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    configs = settings.provider_configs()
+    providers: dict[str, Any] = {}
+    for name, cfg in configs.items():
+        provider = build_provider(name, cfg, settings)
+        if provider is not None:
+            providers[name] = provider
+    router = Router(settings, providers, configs)
+    keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
+    state = GatewayState(settings=settings, router=router, client_keys=keys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = [
+            asyncio.create_task(p.start()) for p in providers.values() if hasattr(p, "start")
+        ]
+        try:
+            yield
+        finally:
+            for task in starting:
+                task.cancel()
+            await asyncio.gather(*starting, return_exceptions=True)
+            for p in providers.values():
+                await p.aclose()
+
+    app = FastAPI(
+        title="LLM streaming gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.gateway = state
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(chat.router)
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,106 @@
+"""Plain ASGI middleware (never BaseHTTPMiddleware: it breaks streaming and
+disconnect detection): request id, body-size limit, access log.
+
+The access log names the path without its query string: ``access_token`` may
+ride there (EventSource cannot send headers) and must never reach a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge
+
+log = logging.getLogger("app.access")
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid_bytes: bytes | None = None
+        length: int | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and _VALID_ID.fullmatch(value):
+                rid_bytes = value
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+        if rid_bytes is None:
+            rid_bytes = uuid.uuid4().hex.encode()
+        rid = rid_bytes.decode()
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.setdefault("headers", [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", rid_bytes))
+            await send(message)
+
+        limit = self.max_body
+        if length is not None and length > limit:
+            await self._too_large(send_wrapper, limit)
+        else:
+            received = 0
+
+            async def receive_wrapper() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise PayloadTooLarge(_too_large_message(limit), code="request_too_large")
+                return message
+
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            finally:
+                if log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "%s %s %s %.1fms rid=%s",
+                        scope["method"],
+                        scope["path"],
+                        status or "-",
+                        (time.perf_counter() - start) * 1000,
+                        rid,
+                    )
+            return
+        log.info("%s %s 413 rid=%s", scope["method"], scope["path"], rid)
+
+    @staticmethod
+    async def _too_large(send: Send, limit: int) -> None:
+        body = PayloadTooLarge(_too_large_message(limit), code="request_too_large").json_bytes()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _too_large_message(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit} bytes (GATEWAY_MAX_BODY_BYTES)"

@@ -1,0 +1,30 @@
+"""Provider kinds, each behind the one-method ``Provider`` protocol (base.py)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.config import ProviderConfig, Settings
+
+log = logging.getLogger("app.providers")
+
+
+def build_provider(name: str, config: ProviderConfig, settings: Settings) -> Any | None:
+    """A provider instance for ``config``; None when its optional extra is missing."""
+    if config.kind in ("openai", "openai-compatible"):
+        from app.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(name, config, settings)
+    if config.kind == "anthropic":
+        from app.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(name, config, settings)
+    try:
+        from app.providers.local import LocalProvider
+    except ImportError:
+        log.warning(
+            "provider '%s' (the embedded model) is unavailable: install the 'local' extra", name
+        )
+        return None
+    return LocalProvider(settings)

@@ -1,0 +1,273 @@
+"""Anthropic Messages streaming -> ChatEvents.
+
+The request is sent by the official SDK; the event stream is decoded raw
+(see ``app.providers.openai`` for why) and normalised by ``AnthropicNormaliser``,
+a small state machine: Anthropic numbers content blocks, OpenAI numbers tool
+calls, so block indexes are mapped to tool-call indexes as blocks start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx2
+import orjson
+
+from app.config import ProviderConfig, Settings
+from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
+from app.providers.base import ChatRequest
+from app.providers.errors import in_band_error, map_sdk_error, truncated
+from app.providers.sse import SSEDecoder
+
+DEFAULT_MAX_TOKENS = 4096
+
+STOP_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+class AnthropicNormaliser:
+    """Feed decoded stream events in order; get ChatEvents out. No I/O."""
+
+    __slots__ = ("_tools", "done", "provider")
+
+    def __init__(self, provider: str = "anthropic") -> None:
+        self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self.done = False
+        self.provider = provider
+
+    def feed(self, obj: dict[str, Any]) -> list[ChatEvent]:
+        kind = obj.get("type")
+        if kind == "content_block_delta":
+            delta = obj["delta"]
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                text = delta.get("text")
+                return [TextDelta(text)] if text else []
+            if dtype == "input_json_delta":
+                index = self._tools.get(obj.get("index", 0))
+                piece = delta.get("partial_json") or ""
+                if index is None or not piece:
+                    return []
+                return [ToolCallDelta(index=index, arguments=piece)]
+            return []  # thinking, signatures, citations: not relayed
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            btype = block.get("type")
+            if btype == "tool_use":
+                index = self._tools[obj.get("index", 0)] = len(self._tools)
+                return [ToolCallDelta(index=index, id=block.get("id"), name=block.get("name"))]
+            if btype == "text" and block.get("text"):
+                return [TextDelta(block["text"])]
+            return []
+        if kind == "message_delta":
+            events: list[ChatEvent] = []
+            usage = obj.get("usage")
+            if usage:
+                events.append(Usage(usage.get("input_tokens"), usage.get("output_tokens")))
+            reason = (obj.get("delta") or {}).get("stop_reason")
+            if reason:
+                events.append(Finish(STOP_REASONS.get(reason, "stop")))
+            return events
+        if kind == "message_start":
+            usage = (obj.get("message") or {}).get("usage") or {}
+            inputs = usage.get("input_tokens")
+            if inputs is None:
+                return []
+            # Cached prompt tokens are still input tokens of this request.
+            inputs += (usage.get("cache_read_input_tokens") or 0) + (
+                usage.get("cache_creation_input_tokens") or 0
+            )
+            return [Usage(inputs, usage.get("output_tokens"))]
+        if kind == "message_stop":
+            self.done = True
+            return []
+        if kind == "error":
+            raise in_band_error(obj, self.provider)
+        return []  # ping, content_block_stop, unknown future types
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content or ():
+        if part.get("type") == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            if url.startswith("data:") and ";base64," in url:
+                media, data = url[5:].split(";base64,", 1)
+                source = {"type": "base64", "media_type": media, "data": data}
+            else:
+                source = {"type": "url", "url": url}
+            blocks.append({"type": "image", "source": source})
+    return blocks
+
+
+def to_anthropic(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """OpenAI-shaped messages -> (system, Anthropic messages). Pure."""
+    system: list[str] = []
+    out: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for msg in messages:
+        role = msg.get("role")
+        content = msg.get("content")
+        if role in ("system", "developer"):
+            system.append(_text_of(content))
+        elif role == "assistant":
+            blocks = _blocks(content)
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                try:
+                    args = orjson.loads(fn.get("arguments") or "{}")
+                except orjson.JSONDecodeError:
+                    args = {}
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id"),
+                        "name": fn.get("name"),
+                        "input": args,
+                    }
+                )
+            add("assistant", blocks)
+        elif role == "tool":
+            add(
+                "user",
+                [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": msg.get("tool_call_id"),
+                        "content": _text_of(content),
+                    }
+                ],
+            )
+        else:
+            add("user", _blocks(content))
+    return ("\n\n".join(s for s in system if s) or None), out
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        entry = {
+            "name": fn.get("name"),
+            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
+        }
+        if fn.get("description"):
+            entry["description"] = fn["description"]
+        out.append(entry)
+    return out
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice in (None, "auto"):
+        return {"type": "auto"} if choice else None
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name:
+            return {"type": "tool", "name": name}
+    return None
+
+
+def build_params(request: ChatRequest) -> dict[str, Any]:
+    system, messages = to_anthropic(request.messages)
+    params: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+        "stream": True,
+    }
+    if system:
+        params["system"] = system
+    if request.temperature is not None:
+        # Anthropic's range is 0..1; OpenAI's 0..2.
+        params["temperature"] = min(request.temperature, 1.0)
+    if request.top_p is not None:
+        params["top_p"] = request.top_p
+    if request.stop:
+        params["stop_sequences"] = request.stop
+    if request.tools:
+        params["tools"] = _tools(request.tools)
+        choice = _tool_choice(request.tool_choice)
+        if choice:
+            params["tool_choice"] = choice
+    return params
+
+
+class AnthropicProvider:
+    def __init__(self, name: str, config: ProviderConfig, settings: Settings) -> None:
+        self.name = name
+        connect = config.connect_timeout_s or settings.connect_timeout_s
+        api_key = config.api_key.get_secret_value() if config.api_key else "none"
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=config.base_url,
+            max_retries=0,
+            timeout=httpx2.Timeout(connect=connect, read=None, write=connect, pool=connect),
+            http_client=anthropic.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=100_000, max_keepalive_connections=1_000),
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
+        params = build_params(request)
+        try:
+            cm = self._client.messages.with_streaming_response.create(**params)
+            resp = await cm.__aenter__()
+        except anthropic.AnthropicError as exc:
+            raise map_sdk_error(exc, self.name) from None
+        try:
+            yield [Start()]
+            decoder = SSEDecoder()
+            norm = AnthropicNormaliser(self.name)
+            try:
+                async for chunk in resp.http_response.aiter_bytes():
+                    if norm.done:
+                        continue  # drain to the end so the connection can be reused
+                    events: list[ChatEvent] = []
+                    for _name, data in decoder.feed(chunk):
+                        try:
+                            obj = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            raise truncated(self.name, "an unparseable chunk") from None
+                        events += norm.feed(obj)
+                    if events:
+                        yield events
+            except httpx2.HTTPError:
+                raise truncated(self.name, "the connection was cut") from None
+        finally:
+            await cm.__aexit__(None, None, None)

@@ -1,0 +1,112 @@
+"""Upstream failures -> ``GatewayError``s, shared by the SDK-based providers.
+
+Both official SDKs raise the same family (``APIStatusError`` with
+``status_code``/``body``/``response``, ``APIConnectionError``,
+``APITimeoutError``), so one mapping serves both. Upstream messages are kept
+(they explain a 400 better than we could) but scrubbed of anything shaped
+like a key, and a 401/403 from the provider never reaches the client as one:
+it is the gateway's credentials that were refused, not the client's.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from typing import Any
+
+import anthropic
+import openai
+
+from app.errors import (
+    GatewayError,
+    UpstreamAuthFailed,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamTruncated,
+    UpstreamUnavailable,
+)
+
+_KEYISH = re.compile(r"\b(?:sk|pk|rk|key|sess|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+
+
+def scrub(message: str) -> str:
+    return _KEYISH.sub("[redacted]", message)[:2000]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in delta-seconds or as an HTTP date (RFC 9110, 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, str | None]:
+    """(message, type, code, param) from an OpenAI- or Anthropic-shaped error body."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if not isinstance(body, dict):
+        return None, None, None, None
+
+    def text(key: str) -> str | None:
+        value = body.get(key)
+        return str(value) if value is not None else None
+
+    return text("message"), text("type"), text("code"), text("param")
+
+
+def map_sdk_error(exc: Exception, provider: str) -> GatewayError:
+    """An SDK exception raised before the stream started."""
+    if isinstance(exc, openai.APIStatusError | anthropic.APIStatusError):
+        status = exc.status_code
+        if status in (401, 403):
+            return UpstreamAuthFailed(
+                f"provider '{provider}' refused the gateway's credentials (HTTP {status}); "
+                "check its API key setting",
+                code="upstream_auth_failed",
+            )
+        message, etype, code, param = _error_fields(exc.body)
+        return UpstreamStatus(
+            scrub(message or f"provider '{provider}' answered HTTP {status}"),
+            upstream_status=status,
+            error_type=etype,
+            code=code,
+            param=param,
+            retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
+        )
+    if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
+        return UpstreamTimeout(f"provider '{provider}' did not answer in time", code="timeout")
+    if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
+        return UpstreamUnavailable(
+            f"could not reach provider '{provider}'", code="upstream_unavailable"
+        )
+    return UpstreamUnavailable(f"provider '{provider}' failed", code="upstream_error")
+
+
+def in_band_error(body: Any, provider: str = "upstream") -> GatewayError:
+    """An error object sent inside an already started upstream stream."""
+    message, etype, code, _param = _error_fields(body)
+    status = {"overloaded_error": 503, "rate_limit_error": 429, "api_error": 500}.get(
+        etype or "", 500
+    )
+    return UpstreamStatus(
+        scrub(message or f"provider '{provider}' reported an error mid-stream"),
+        upstream_status=status,
+        error_type=etype or "upstream_error",
+        code=code,
+    )
+
+
+def truncated(provider: str, what: str) -> UpstreamTruncated:
+    return UpstreamTruncated(
+        f"provider '{provider}' stream ended early: {what}", code="upstream_truncated"
+    )

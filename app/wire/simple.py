@@ -1,0 +1,74 @@
+"""ChatEvents -> the simple browser protocol (API.md, "The simple stream").
+
+``start``, one default (unnamed) event per text delta so that
+``EventSource.onmessage`` sees only text, ``tool_call``, ``error``, exactly
+one ``end``, then ``data: [DONE]``. Every event, ``[DONE]`` included, has an
+``id: <stream>:<n>`` so that a reconnect can say where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, assert_never
+
+from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
+from app.wire.sse import dumps, retry_hint
+
+
+def end_json(end: End) -> dict[str, Any]:
+    return {
+        "finish_reason": end.finish_reason,
+        "usage": end.usage(),
+        "model": end.model,
+        "provider": end.provider,
+        "ttft_ms": end.ttft_ms,
+        "duration_ms": end.duration_ms,
+    }
+
+
+class SimpleStreamEncoder:
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self._sid = stream_id.encode()
+        self.n = 0
+
+    def _id(self) -> bytes:
+        n = self.n
+        self.n = n + 1
+        return b"id: %s:%d\n" % (self._sid, n)
+
+    def encode(self, batch: list[ChatEvent]) -> bytes:
+        out: list[bytes] = []
+        for ev in batch:
+            if isinstance(ev, TextDelta):
+                out.append(self._id() + b"data: " + dumps({"content": ev.text}) + b"\n\n")
+            elif isinstance(ev, ToolCallDelta):
+                call = {"index": ev.index, "arguments": ev.arguments}
+                if ev.id is not None:
+                    call["id"] = ev.id
+                if ev.name is not None:
+                    call["name"] = ev.name
+                out.append(self._id() + b"event: tool_call\ndata: " + dumps(call) + b"\n\n")
+            elif isinstance(ev, Start):
+                data = {"id": self.stream_id, "model": ev.model, "provider": ev.provider}
+                out.append(
+                    retry_hint() + self._id() + b"event: start\ndata: " + dumps(data) + b"\n\n"
+                )
+            elif isinstance(ev, Error):
+                payload = dumps(ev.error.in_band())
+                out.append(self._id() + b"event: error\ndata: " + payload + b"\n\n")
+            elif isinstance(ev, End):
+                out.append(self._id() + b"event: end\ndata: " + dumps(end_json(ev)) + b"\n\n")
+                out.append(self._id() + b"data: [DONE]\n\n")
+            elif isinstance(ev, Usage | Finish):
+                pass  # folded into End by the relay
+            else:
+                assert_never(ev)
+        return b"".join(out)
+
+    async def stream(self, events: AsyncIterator[list[ChatEvent]]) -> AsyncIterator[bytes]:
+        encode = self.encode
+        async for batch in events:
+            data = encode(batch)
+            if data:
+                yield data
