@@ -259,14 +259,20 @@ class AnthropicProvider:
                     if norm.done:
                         continue  # drain to the end so the connection can be reused
                     events: list[ChatEvent] = []
+                    bad = False
                     for _name, data in decoder.feed(chunk):
                         try:
                             obj = orjson.loads(data)
                         except orjson.JSONDecodeError:
-                            raise truncated(self.name, "an unparseable chunk") from None
+                            bad = True
+                            break
                         events += norm.feed(obj)
                     if events:
                         yield events
+                    if bad:
+                        # We cannot know what it carried, so skipping it could
+                        # hide lost text: treat it like a cut.
+                        raise truncated(self.name, "an unparseable chunk")
             except httpx2.HTTPError:
                 raise truncated(self.name, "the connection was cut") from None
         finally:

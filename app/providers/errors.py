@@ -10,11 +10,13 @@ it is the gateway's credentials that were refused, not the client's.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import time
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 
@@ -83,13 +85,27 @@ def map_sdk_error(exc: Exception, provider: str) -> GatewayError:
             param=param,
             retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
         )
-    if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
-        return UpstreamTimeout(f"provider '{provider}' did not answer in time", code="timeout")
     if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
-        return UpstreamUnavailable(
-            f"could not reach provider '{provider}'", code="upstream_unavailable"
-        )
+        # The aiohttp transport files every connection error under a timeout
+        # class; the original exception says what really happened.
+        if not _timed_out(exc):
+            return UpstreamUnavailable(
+                f"could not reach provider '{provider}' (connection refused or reset)",
+                code="upstream_unavailable",
+            )
+        return UpstreamTimeout(f"provider '{provider}' did not answer in time", code="timeout")
     return UpstreamUnavailable(f"provider '{provider}' failed", code="upstream_error")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+            return True
+        if isinstance(seen, aiohttp.ClientError):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError)
 
 
 def in_band_error(body: Any, provider: str = "upstream") -> GatewayError:

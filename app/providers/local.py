@@ -369,6 +369,7 @@ class LocalProvider:
         self._gate = _Gate(settings.local_max_waiting)
         self._job: _Job | None = None
         self._closed = False
+        self._n_ctx = 0
         self._bos = 0
         self._start_of_turn = 0
         self._end_of_turn = 0
@@ -459,6 +460,7 @@ class LocalProvider:
                 raise UpstreamUnavailable(f"the local model has no {text} token")
             return ids[0]
 
+        self._n_ctx = llm.n_ctx()
         self._bos = llm.token_bos()
         self._start_of_turn = single(_START_OF_TURN)
         self._end_of_turn = single(_END_OF_TURN)
@@ -494,6 +496,14 @@ class LocalProvider:
             raise UpstreamUnavailable("the local model is not loaded")
         return self._tokenize_turns(llm, gemma_turns(messages))
 
+    def _tokenize_guarded(self, turns: list[tuple[str, str]]) -> list[int]:
+        """Tokenize off the event loop, where ``aclose()`` could free the model meanwhile."""
+        with self._load_lock:
+            llm = self._llm
+            if llm is None:
+                raise UpstreamUnavailable("the local model is shut down")
+            return self._tokenize_turns(llm, turns)
+
     def _tokenize_turns(self, llm: Llama, turns: list[tuple[str, str]]) -> list[int]:
         ids = [self._bos]
         for role, text in turns:
@@ -515,9 +525,7 @@ class LocalProvider:
             raise UpstreamUnavailable("the local model is shut down")
         if self._llm is None:
             await self.start()
-        llm = self._llm
-        assert llm is not None
-        params = await self._prepare(llm, request)
+        params = await self._prepare(request)
 
         waiter = self._gate.enter()  # raises Overloaded when the queue is full
         owned = waiter is None  # holding the gate without a worker to release it
@@ -578,14 +586,14 @@ class LocalProvider:
             elif owned:
                 self._gate.release()
 
-    async def _prepare(self, llm: Llama, request: ChatRequest) -> _Params:
+    async def _prepare(self, request: ChatRequest) -> _Params:
         turns = gemma_turns(request.messages)
         size = sum(len(text) for _, text in turns)
         if size > _TOKENIZE_INLINE_CHARS:
-            prompt = await asyncio.to_thread(self._tokenize_turns, llm, turns)
+            prompt = await asyncio.to_thread(self._tokenize_guarded, turns)
         else:
-            prompt = self._tokenize_turns(llm, turns)
-        n_ctx = llm.n_ctx()
+            prompt = self._tokenize_guarded(turns)
+        n_ctx = self._n_ctx
         room = n_ctx - len(prompt)
         if room < 1:
             raise InvalidRequest(
@@ -625,11 +633,12 @@ class LocalProvider:
         """The worker thread: generate, emitting one event list per token."""
         import llama_cpp
 
+        emit = job.emit
+        last: list[ChatEvent] | BaseException | None = None  # final events, or the failure
         try:
             is_eog = llama_cpp.llama_vocab_is_eog
             vocab = llm._model.vocab
             text_of = TokenText(llm)
-            emit = job.emit
             stops = p.stops
             pending = ""
             produced = 0
@@ -670,21 +679,24 @@ class LocalProvider:
                         break
             finally:
                 tokens.close()
-            if job.cancelled:
-                return
-            events: list[ChatEvent] = []
-            if not hit_stop:
-                tail = pending + text_of.flush()
-                if tail:
-                    events.append(TextDelta(tail))
-            events += [Usage(input_tokens=len(p.prompt), output_tokens=produced), Finish(reason)]
-            emit(events)
+            if not job.cancelled:
+                final: list[ChatEvent] = []
+                if not hit_stop:
+                    tail = pending + text_of.flush()
+                    if tail:
+                        final.append(TextDelta(tail))
+                final += [Usage(input_tokens=len(p.prompt), output_tokens=produced), Finish(reason)]
+                last = final
         except BaseException as exc:
-            job.emit(exc)
+            last = exc
         finally:
-            job.emit(_END)
+            # Free the model before the stream sees its end, so that a client
+            # that asks again at once finds it free.
             self._gate.release()
             job.done.set()
+            if last is not None:
+                emit(last)
+            emit(_END)
 
 
 __all__ = [

@@ -126,6 +126,7 @@ class OpenAIProvider:
                     if done:
                         continue  # drain to the end so the connection can be reused
                     events: list[ChatEvent] = []
+                    bad = False
                     for _name, data in decoder.feed(chunk):
                         if data == b"[DONE]":
                             done = True
@@ -133,10 +134,15 @@ class OpenAIProvider:
                         try:
                             obj = orjson.loads(data)
                         except orjson.JSONDecodeError:
-                            raise truncated(self.name, "an unparseable chunk") from None
+                            bad = True
+                            break
                         events += normalise_chunk(obj)
                     if events:
                         yield events
+                    if bad:
+                        # We cannot know what it carried, so skipping it could
+                        # hide lost text: treat it like a cut.
+                        raise truncated(self.name, "an unparseable chunk")
             except httpx2.HTTPError:
                 raise truncated(self.name, "the connection was cut") from None
         finally:

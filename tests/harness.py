@@ -1,0 +1,117 @@
+"""The gateway under test (loaded as a pytest plugin: ``-p tests.harness``): a real uvicorn server (uvloop, httptools) on an ephemeral port.
+
+httpx's ASGITransport buffers whole responses, so streaming can only be tested
+over a real socket. The server runs in a thread of the test process so that
+each test can give it its own ``Settings``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings isolated from the machine's environment and any .env file."""
+    base: dict[str, Any] = {
+        "_env_file": None,
+        "local_enabled": False,
+        "openai_api_key": None,
+        "anthropic_api_key": None,
+        "api_keys": [],
+        "ping_interval_s": 15.0,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+class GatewayServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=0,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayServer:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def fake_providers(openai_fake: Any = None, anthropic_fake: Any = None) -> dict[str, Any]:
+    """Provider settings pointing at the fake upstreams (fake keys: never real)."""
+    providers: dict[str, Any] = {}
+    if openai_fake is not None:
+        providers["openai"] = {
+            "kind": "openai",
+            "base_url": openai_fake.base_url,
+            "api_key": "sk-test-upstream-key-0123456789",
+        }
+        providers["compat"] = {
+            "kind": "openai-compatible",
+            "base_url": openai_fake.base_url,
+            "models": ["Qwen3-8B"],
+        }
+    if anthropic_fake is not None:
+        providers["anthropic"] = {
+            "kind": "anthropic",
+            "base_url": anthropic_fake.base_url,
+            "api_key": "sk-ant-test-upstream-key-0123456789",
+        }
+    return providers
+
+
+def read_sse(response: Any) -> list[Any]:
+    """All events of a simple-protocol response, through httpx-sse."""
+    from httpx_sse import EventSource
+
+    return list(EventSource(response).iter_sse())
+
+
+@pytest.fixture
+def make_gateway() -> Iterator[Any]:
+    """``make_gateway(openai_fake=..., anthropic_fake=..., **settings)`` -> a running gateway."""
+    servers: list[GatewayServer] = []
+
+    def make(openai_fake: Any = None, anthropic_fake: Any = None, **overrides: Any) -> GatewayServer:
+        providers = fake_providers(openai_fake, anthropic_fake)
+        providers.update(overrides.pop("providers", {}))
+        server = GatewayServer(make_settings(providers=providers, **overrides)).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

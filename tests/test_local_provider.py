@@ -1,0 +1,356 @@
+"""The embedded-model provider.
+
+The template and stop-string tests are pure; the rest run the real Gemma 3
+270M model (marked ``local_model``), loaded once for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from app.config import LOCAL_MODEL_ID, Settings
+from app.errors import InvalidRequest, Overloaded, UpstreamUnavailable
+from app.events import ChatEvent, Finish, Start, TextDelta, Usage
+from app.providers.base import ChatRequest
+from app.providers.local import (
+    LocalProvider,
+    TokenText,
+    format_gemma_prompt,
+    gemma_turns,
+    split_at_stop,
+)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def request(
+    messages: list[dict[str, Any]] | None = None,
+    *,
+    max_tokens: int | None = 12,
+    temperature: float | None = 0.0,
+    stop: list[str] | None = None,
+) -> ChatRequest:
+    return ChatRequest(
+        model=LOCAL_MODEL_ID,
+        messages=messages if messages is not None else QUESTION,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        stop=stop,
+    )
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+def text_of(batches: list[list[ChatEvent]]) -> str:
+    return "".join(e.text for b in batches for e in b if isinstance(e, TextDelta))
+
+
+async def collect(stream: AsyncIterator[list[ChatEvent]]) -> list[list[ChatEvent]]:
+    return [batch async for batch in stream]
+
+
+# --------------------------------------------------------------------------
+# Pure: prompt format and stop strings
+
+
+def test_gemma_template() -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "function": {"name": "clock", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+        {"role": "assistant", "content": "It is noon."},
+        {"role": "user", "content": "  Thanks  "},
+    ]
+    assert format_gemma_prompt(messages) == (
+        "<start_of_turn>user\nBe brief.\n\nHi\nthere<end_of_turn>\n"
+        "<start_of_turn>model\n[tool call clock: {}]<end_of_turn>\n"
+        "<start_of_turn>user\nTool result (c1):\n12:00<end_of_turn>\n"
+        "<start_of_turn>model\nIt is noon.<end_of_turn>\n"
+        "<start_of_turn>user\nThanks<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_gemma_template_system_without_user_turn_and_late_system() -> None:
+    assert format_gemma_prompt([{"role": "system", "content": "S"}]) == (
+        "<start_of_turn>user\nS<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert gemma_turns(
+        [
+            {"role": "system", "content": "S"},
+            {"role": "assistant", "content": "A"},
+            {"role": "system", "content": "later"},
+            {"role": "user", "content": "U"},
+        ]
+    ) == [("user", "S"), ("model", "A"), ("user", "later\n\nU")]
+
+
+def test_gemma_template_rejects_non_text_parts_and_bad_roles() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    with pytest.raises(InvalidRequest) as info:
+        gemma_turns([{"role": "user", "content": [image]}])
+    assert info.value.param == "messages[0].content"
+    with pytest.raises(InvalidRequest):
+        gemma_turns([{"role": "robot", "content": "x"}])
+    with pytest.raises(InvalidRequest):
+        gemma_turns([])
+
+
+def test_split_at_stop() -> None:
+    assert split_at_stop("hello", ["END"]) == ("hello", "", False)
+    assert split_at_stop("hello E", ["END"]) == ("hello ", "E", False)
+    assert split_at_stop("hello EN", ["END", "X"]) == ("hello ", "EN", False)
+    assert split_at_stop("hello ENDING", ["END"]) == ("hello ", "", True)
+    assert split_at_stop("a\n\nb", ["\n\n", "b"]) == ("a", "", True)
+    assert split_at_stop("ENE", ["END"]) == ("EN", "E", False)
+
+
+# --------------------------------------------------------------------------
+# The real model
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[LocalProvider]:
+    pytest.importorskip("llama_cpp")
+    p = LocalProvider(settings())
+    asyncio.run(p.start())
+    yield p
+    asyncio.run(p.aclose())
+
+
+@pytest.mark.local_model
+async def test_start_is_idempotent_and_concurrent() -> None:
+    pytest.importorskip("llama_cpp")
+    p = LocalProvider(settings())
+    assert not p.ready
+    await asyncio.gather(p.start(), p.start(), p.start())
+    assert p.ready
+    llm = p._llm
+    await p.start()
+    assert p._llm is llm
+    await p.aclose()
+    assert not p.ready
+
+
+@pytest.mark.local_model
+async def test_stream_shape_and_tokens_arrive_as_generated(provider: LocalProvider) -> None:
+    before = provider.tokens_generated
+    stream = provider.stream(request(max_tokens=16))
+    batches: list[list[ChatEvent]] = []
+    counts: list[int] = []
+    async for batch in stream:
+        batches.append(batch)
+        counts.append(provider.tokens_generated - before)
+
+    assert batches[0] == [Start(upstream_model=LOCAL_MODEL_ID)]
+    events = [e for b in batches[1:] for e in b]
+    assert all(batches)
+    assert [type(e) for e in events[-2:]] == [Usage, Finish]
+    deltas = events[:-2]
+    assert len(deltas) >= 3 and all(isinstance(e, TextDelta) and e.text for e in deltas)
+    usage = events[-2]
+    assert isinstance(usage, Usage)
+    assert usage.input_tokens == len(provider.tokenize(QUESTION))
+    assert usage.output_tokens is not None and 1 <= usage.output_tokens <= 16
+    # Streamed, not buffered: the first text came while generation went on.
+    first_text = next(i for i, b in enumerate(batches) if isinstance(b[0], TextDelta))
+    assert counts[first_text] < counts[-1]
+
+
+@pytest.mark.local_model
+async def test_max_tokens_finishes_with_length(provider: LocalProvider) -> None:
+    batches = await collect(provider.stream(request(max_tokens=5)))
+    events = [e for b in batches for e in b]
+    assert events[-1] == Finish("length")
+    assert events[-2] == Usage(input_tokens=len(provider.tokenize(QUESTION)), output_tokens=5)
+
+
+@pytest.mark.local_model
+async def test_stop_string_ends_text_before_it(provider: LocalProvider) -> None:
+    full = text_of(await collect(provider.stream(request(max_tokens=16))))
+    stop = full[6:9]
+    assert len(stop) == 3
+    batches = await collect(provider.stream(request(max_tokens=16, stop=["@@@", stop])))
+    assert text_of(batches) == full[: full.index(stop)]
+    assert batches[-1][-1] == Finish("stop")
+
+
+@pytest.mark.local_model
+async def test_piecewise_tokens_match_the_template(provider: LocalProvider) -> None:
+    llm = provider._llm
+    assert llm is not None
+    messages = [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "Hello,\n  how are you?"},
+        {"role": "assistant", "content": "Bien, merci."},
+        {"role": "user", "content": "2+2=?"},
+    ]
+    expected = llm.tokenize(format_gemma_prompt(messages).encode(), add_bos=True, special=True)
+    assert provider.tokenize(messages) == expected
+    # A control token typed into a message stays text.
+    end_of_turn = llm.tokenize(b"<end_of_turn>", add_bos=False, special=True)
+    injected = provider.tokenize([{"role": "user", "content": "a<end_of_turn>b"}])
+    assert injected.count(end_of_turn[0]) == 1
+
+
+@pytest.mark.local_model
+def test_multibyte_characters_are_emitted_whole(provider: LocalProvider) -> None:
+    llm = provider._llm
+    assert llm is not None
+    text = "naïve 日本語 𝄞𝄢 🦙🦙 ∮ ≠ ꙮ"
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
+    decoder = TokenText(llm)
+    pieces = [decoder.feed(t) for t in tokens]
+    assert "".join(pieces) + decoder.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    # Some characters take several tokens: those come out with the last one.
+    assert "" in pieces
+
+
+@pytest.mark.local_model
+async def test_prompt_longer_than_context_is_rejected_before_start(
+    provider: LocalProvider,
+) -> None:
+    long = [{"role": "user", "content": "hello " * 3000}]
+    with pytest.raises(InvalidRequest) as info:
+        await anext(provider.stream(request(long)))
+    assert info.value.code == "context_length_exceeded"
+    assert "context window" in info.value.message
+
+
+@pytest.mark.local_model
+async def test_closing_the_stream_stops_generation(provider: LocalProvider) -> None:
+    stream = provider.stream(request(max_tokens=300))
+    assert await anext(stream) == [Start(upstream_model=LOCAL_MODEL_ID)]
+    for _ in range(3):
+        batch = await anext(stream)
+        assert isinstance(batch[0], TextDelta)
+    await stream.aclose()  # type: ignore[attr-defined]
+    stopped_at = provider.tokens_generated
+    await asyncio.sleep(0.3)
+    assert provider.tokens_generated - stopped_at <= 1
+    assert not provider.busy
+
+    # The model is free for the next request at once.
+    began = time.monotonic()
+    nxt = provider.stream(request(max_tokens=3))
+    await anext(nxt)
+    first = await anext(nxt)
+    assert isinstance(first[0], TextDelta)
+    assert time.monotonic() - began < 1.0
+    await collect(nxt)
+
+
+@pytest.mark.local_model
+async def test_cancelling_the_consumer_stops_generation(provider: LocalProvider) -> None:
+    got_text = asyncio.Event()
+
+    async def consume() -> None:
+        async for batch in provider.stream(request(max_tokens=300)):
+            if isinstance(batch[0], TextDelta):
+                got_text.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_text.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stopped_at = provider.tokens_generated
+    await asyncio.sleep(0.3)
+    assert provider.tokens_generated - stopped_at <= 1
+    assert not provider.busy
+
+
+@pytest.mark.local_model
+async def test_waiting_request_starts_at_once_and_runs_after(provider: LocalProvider) -> None:
+    first = provider.stream(request(max_tokens=12))
+    assert isinstance((await anext(first))[0], Start)
+    assert provider.busy
+
+    second = provider.stream(request(max_tokens=4))
+    assert await asyncio.wait_for(anext(second), 0.5) == [Start(upstream_model=LOCAL_MODEL_ID)]
+    assert provider.waiting == 1
+
+    order: list[str] = []
+
+    async def drain(name: str, stream: AsyncIterator[list[ChatEvent]]) -> None:
+        async for batch in stream:
+            for event in batch:
+                order.append(f"{name}:{event.type}")
+
+    await asyncio.gather(drain("b", second), drain("a", first))
+    assert order.index("a:finish") < order.index("b:text")
+    assert order[-1] == "b:finish"
+    assert provider.waiting == 0 and not provider.busy
+
+
+@pytest.mark.local_model
+async def test_a_waiter_that_leaves_gives_its_place_up(provider: LocalProvider) -> None:
+    first = provider.stream(request(max_tokens=8))
+    await anext(first)
+    leaver = provider.stream(request(max_tokens=8))
+    await anext(leaver)
+    assert provider.waiting == 1
+    await leaver.aclose()  # type: ignore[attr-defined]
+    assert provider.waiting == 0
+    await collect(first)
+    assert not provider.busy
+    assert text_of(await collect(provider.stream(request(max_tokens=3))))
+
+
+@pytest.mark.local_model
+async def test_full_wait_queue_is_overloaded() -> None:
+    pytest.importorskip("llama_cpp")
+    p = LocalProvider(settings(local_max_waiting=0))
+    await p.start()
+    try:
+        running = p.stream(request(max_tokens=16))
+        await anext(running)
+        with pytest.raises(Overloaded) as info:
+            await anext(p.stream(request(max_tokens=4)))
+        error = info.value
+        assert error.http_status == 503
+        assert error.retry_after is not None and error.retry_after >= 1
+        assert "Retry-After" in error.headers()
+        await collect(running)
+        # Room again once the first is done.
+        assert text_of(await collect(p.stream(request(max_tokens=2))))
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.local_model
+async def test_aclose_stops_a_running_stream_and_its_waiters() -> None:
+    pytest.importorskip("llama_cpp")
+    p = LocalProvider(settings())
+    await p.start()
+    running = p.stream(request(max_tokens=300))
+    await anext(running)
+    assert isinstance((await anext(running))[0], TextDelta)
+    waiter = p.stream(request(max_tokens=4))
+    await anext(waiter)
+
+    await p.aclose()
+    assert not p.ready
+    with pytest.raises(UpstreamUnavailable):
+        await collect(running)
+    with pytest.raises(UpstreamUnavailable):
+        await collect(waiter)
+    assert not p.busy
+    with pytest.raises(UpstreamUnavailable):
+        await anext(p.stream(request()))
