@@ -1,0 +1,67 @@
+"""``python -m app``: refuses unsafe or invalid settings at start, with a message naming them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))}
+    env.update({"GATEWAY_LOCAL_ENABLED": "false", **extra})
+    return env
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", *args], env=_env(**env),
+                          capture_output=True, text=True, timeout=60, cwd="/tmp")
+
+
+def test_refuses_public_host_without_keys():
+    r = _run("--host", "0.0.0.0", "--port", "1")
+    assert r.returncode == 2
+    assert "GATEWAY_API_KEYS" in r.stderr and "GATEWAY_ALLOW_UNAUTHENTICATED" in r.stderr
+
+
+def test_invalid_setting_is_named():
+    r = _run(GATEWAY_IDLE_TIMEOUT_S="soon")
+    assert r.returncode == 2 and "GATEWAY_IDLE_TIMEOUT_S" in r.stderr
+    r = _run(GATEWAY_PROVIDERS='{"x": {"kind": "telepathy"}}')
+    assert r.returncode == 2 and "GATEWAY_PROVIDERS" in r.stderr
+    r = _run(GATEWAY_ALIASES='{"a": {"targets": ["ghost/model"]}}')
+    assert r.returncode == 2 and "GATEWAY_ALIASES" in r.stderr and "ghost" in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_starts_and_serves(openai_fake):
+    port = _free_port()
+    providers = f'{{"up": {{"kind": "openai-compatible", "base_url": "{openai_fake.base_url}"}}}}'
+    env = _env(GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m")
+    with subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], env=env,
+                          cwd=os.getcwd(), stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                   json={"messages": [{"role": "user", "content": "hi"}]})
+                    break
+                except httpx.ConnectError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["model"] == "up/m"
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+    assert "authentication is OFF" in err
