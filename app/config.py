@@ -53,6 +53,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,
+        env_ignore_empty=True,  # "KEY=" in .env means unset
     )
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
