@@ -1,4 +1,6 @@
-"""The gateway under test (loaded as a pytest plugin: ``-p tests.harness``): a real uvicorn server (uvloop, httptools) on an ephemeral port.
+"""The gateway under test: a real uvicorn server (uvloop, httptools) on an ephemeral port.
+
+Loaded as a pytest plugin (``-p tests.harness`` in pyproject) for ``make_gateway``.
 
 httpx's ASGITransport buffers whole responses, so streaming can only be tested
 over a real socket. The server runs in a thread of the test process so that
@@ -105,7 +107,9 @@ def make_gateway() -> Iterator[Any]:
     """``make_gateway(openai_fake=..., anthropic_fake=..., **settings)`` -> a running gateway."""
     servers: list[GatewayServer] = []
 
-    def make(openai_fake: Any = None, anthropic_fake: Any = None, **overrides: Any) -> GatewayServer:
+    def make(
+        openai_fake: Any = None, anthropic_fake: Any = None, **overrides: Any
+    ) -> GatewayServer:
         providers = fake_providers(openai_fake, anthropic_fake)
         providers.update(overrides.pop("providers", {}))
         server = GatewayServer(make_settings(providers=providers, **overrides)).start()

@@ -10,8 +10,9 @@ OK_MSG = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def gw(make_gateway, openai_fake):
-    return make_gateway(openai_fake=openai_fake, default_model="openai/gpt-4o-mini",
-                        max_body_bytes=2048)
+    return make_gateway(
+        openai_fake=openai_fake, default_model="openai/gpt-4o-mini", max_body_bytes=2048
+    )
 
 
 CASES = [
@@ -52,8 +53,15 @@ def test_bad_bodies(gw, openai_fake, path, body, status, words):
     assert openai_fake.attempts == []
 
 
-@pytest.mark.parametrize("query", [{}, {"prompt": ""}, {"prompt": "x", "max_tokens": "many"},
-                                   {"prompt": "x", "temperature": "warm"}])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {},
+        {"prompt": ""},
+        {"prompt": "x", "max_tokens": "many"},
+        {"prompt": "x", "temperature": "warm"},
+    ],
+)
 def test_bad_get_queries(gw, query):
     r = httpx.get(gw.url + "/chat/stream", params=query)
     assert r.status_code == 400 and r.json()["error"]["message"]
@@ -70,8 +78,11 @@ def test_body_over_the_limit(gw, openai_fake):
             yield b"x" * 500
         yield b'"}]}'
 
-    r = httpx.post(gw.url + "/v1/chat/completions", content=chunks(),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413
     assert openai_fake.attempts == []
 

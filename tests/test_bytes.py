@@ -15,8 +15,9 @@ TRICKY = ["\n", "\r\n", "a\u2028b", "\u2029", "data: fake\n\n", "\r", "é😀", 
 
 @pytest.fixture
 def gw(make_gateway, openai_fake, anthropic_fake):
-    return make_gateway(openai_fake=openai_fake, anthropic_fake=anthropic_fake,
-                        default_model="openai/gpt-4o-mini")
+    return make_gateway(
+        openai_fake=openai_fake, anthropic_fake=anthropic_fake, default_model="openai/gpt-4o-mini"
+    )
 
 
 def _simple_text(gw, model):
@@ -34,7 +35,8 @@ def test_tricky_tokens_through_the_openai_sdk(gw, openai_fake):
     openai_fake.default = Scenario(chunks=TRICKY)
     with openai.OpenAI(base_url=gw.url + "/v1", api_key="x") as client:
         chunks = client.chat.completions.create(
-            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+        )
         texts = [c.choices[0].delta.content for c in chunks if c.choices]
     assert [t for t in texts if t] == [t for t in TRICKY if t]
 
@@ -47,16 +49,21 @@ def test_line_separators_are_sent_escaped(gw, openai_fake):
 
 
 def _chunk_event(content_json: bytes) -> bytes:
-    return (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
-            b'"model":"m","choices":[{"index":0,"delta":{"content":' + content_json +
-            b'},"finish_reason":null}]}\n\n')
+    return (
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
+        b'"model":"m","choices":[{"index":0,"delta":{"content":'
+        + content_json
+        + b'},"finish_reason":null}]}\n\n'
+    )
 
 
 def test_emoji_split_across_two_upstream_writes(gw, openai_fake):
     emoji = "😀".encode()  # four bytes: split after the second
-    body = (_chunk_event(b'"smile ' + emoji + b' ok"') +
-            b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
-            b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    body = (
+        _chunk_event(b'"smile ' + emoji + b' ok"')
+        + b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
     cut = body.index(emoji) + 2
     openai_fake.default = Scenario(raw_parts=[body[:cut], body[cut:]], interval=0.1)
     assert _simple_text(gw, "openai/gpt-4o-mini") == ["smile 😀 ok"]
@@ -64,9 +71,12 @@ def test_emoji_split_across_two_upstream_writes(gw, openai_fake):
 
 def test_crlf_framed_upstream(gw, openai_fake):
     """An upstream that frames with CRLF, with the CR and LF in different writes."""
-    body = (_chunk_event(orjson.dumps("one")) + _chunk_event(orjson.dumps("two")) +
-            b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
-            b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    body = (
+        _chunk_event(orjson.dumps("one"))
+        + _chunk_event(orjson.dumps("two"))
+        + b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
     body = body.replace(b"\n", b"\r\n")
     first = body.index(b"\r\n") + 1
     openai_fake.default = Scenario(raw_parts=[body[:first], body[first:]], interval=0.05)

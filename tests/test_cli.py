@@ -12,15 +12,24 @@ import httpx
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))
+    }
     env.update({"GATEWAY_LOCAL_ENABLED": "false", **extra})
     return env
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", *args], env=_env(**env),
-                          capture_output=True, text=True, timeout=60, cwd="/tmp")
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/tmp",
+    )
 
 
 def test_refuses_public_host_without_keys():
@@ -48,14 +57,21 @@ def test_starts_and_serves(openai_fake):
     port = _free_port()
     providers = f'{{"up": {{"kind": "openai-compatible", "base_url": "{openai_fake.base_url}"}}}}'
     env = _env(GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m")
-    with subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], env=env,
-                          cwd=os.getcwd(), stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "app", "--port", str(port)],
+        env=env,
+        cwd=os.getcwd(),
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
         try:
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                   json={"messages": [{"role": "user", "content": "hi"}]})
+                    r = httpx.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "hi"}]},
+                    )
                     break
                 except httpx.ConnectError:
                     assert proc.poll() is None and time.monotonic() < deadline

@@ -15,14 +15,16 @@ DRIP = Scenario(chunks=[f"t{i}" for i in range(200)], interval=0.05)
 
 @pytest.fixture
 def gw(make_gateway, openai_fake, anthropic_fake):
-    return make_gateway(openai_fake=openai_fake, anthropic_fake=anthropic_fake,
-                        default_model="openai/gpt-4o-mini")
+    return make_gateway(
+        openai_fake=openai_fake, anthropic_fake=anthropic_fake, default_model="openai/gpt-4o-mini"
+    )
 
 
 def _leave_after(gw, model, n_events):
     """Read n content events of a simple stream, then drop the connection."""
-    with httpx.stream("POST", gw.url + "/chat/stream", json={"prompt": "hi", "model": model},
-                      timeout=10) as r:
+    with httpx.stream(
+        "POST", gw.url + "/chat/stream", json={"prompt": "hi", "model": model}, timeout=10
+    ) as r:
         seen = 0
         for line in r.iter_lines():
             if line.startswith('data: {"content"'):
@@ -63,7 +65,8 @@ def test_openai_sdk_client_closing_the_stream(gw, openai_fake):
     openai_fake.default = DRIP
     with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
         stream = client.chat.completions.create(
-            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True)
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         for i, _chunk in enumerate(stream):
             if i == 3:
                 break

@@ -15,14 +15,21 @@ MSG = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def gw(make_gateway, openai_fake, anthropic_fake):
-    return make_gateway(openai_fake=openai_fake, anthropic_fake=anthropic_fake,
-                        default_model="openai/gpt-4o-mini", first_token_timeout_s=1.0,
-                        idle_timeout_s=0.5, total_timeout_s=5.0, connect_timeout_s=1.0)
+    return make_gateway(
+        openai_fake=openai_fake,
+        anthropic_fake=anthropic_fake,
+        default_model="openai/gpt-4o-mini",
+        first_token_timeout_s=1.0,
+        idle_timeout_s=0.5,
+        total_timeout_s=5.0,
+        connect_timeout_s=1.0,
+    )
 
 
 def simple(gw, model="openai/gpt-4o-mini"):
-    with httpx.stream("POST", gw.url + "/chat/stream", json={"prompt": "hi", "model": model},
-                      timeout=10) as r:
+    with httpx.stream(
+        "POST", gw.url + "/chat/stream", json={"prompt": "hi", "model": model}, timeout=10
+    ) as r:
         if r.status_code != 200:
             r.read()
             return r, []
@@ -45,9 +52,16 @@ def healthy_after(gw):
     assert error is None and end["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize(("status", "retry_after", "expect"), [
-    (429, "7", 429), (429, None, 429), (500, None, 502), (503, None, 503), (502, None, 502),
-])
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expect"),
+    [
+        (429, "7", 429),
+        (429, None, 429),
+        (500, None, 502),
+        (503, None, 503),
+        (502, None, 502),
+    ],
+)
 def test_upstream_error_status_before_the_stream(gw, openai_fake, status, retry_after, expect):
     openai_fake.enqueue(Scenario(fault="status", status=status, retry_after=retry_after))
     r, _ = simple(gw)
@@ -59,18 +73,31 @@ def test_upstream_error_status_before_the_stream(gw, openai_fake, status, retry_
 
 
 def test_upstream_400_is_passed_on_with_its_message(gw, openai_fake):
-    openai_fake.enqueue(Scenario(fault="status", status=400, error_code="context_length_exceeded",
-                                 error_message="This model's maximum context length is 8192."))
-    r = httpx.post(gw.url + "/v1/chat/completions",
-                   json={"model": "openai/gpt-4o-mini", "messages": MSG, "stream": True})
+    openai_fake.enqueue(
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="context_length_exceeded",
+            error_message="This model's maximum context length is 8192.",
+        )
+    )
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "openai/gpt-4o-mini", "messages": MSG, "stream": True},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and "8192" in err["message"]
 
 
 def test_upstream_auth_failure_hides_the_key(gw, openai_fake):
-    openai_fake.enqueue(Scenario(fault="status", status=401, error_message=(
-        "Incorrect API key provided: sk-test-upstream-key-0123456789.")))
+    openai_fake.enqueue(
+        Scenario(
+            fault="status",
+            status=401,
+            error_message=("Incorrect API key provided: sk-test-upstream-key-0123456789."),
+        )
+    )
     r, _ = simple(gw)
     assert r.status_code == 502
     assert "sk-test" not in r.text and r.json()["error"]["type"] == "upstream_auth_error"
@@ -107,7 +134,7 @@ def test_no_first_token_after_headers(gw, openai_fake):
 
 def test_stall_mid_stream(gw, openai_fake):
     openai_fake.enqueue(Scenario(chunks=["a", "b", "c"], fault="stall", fault_after=2))
-    r, events = simple(gw)
+    _r, events = simple(gw)
     error, end = ending(events)
     assert [e.json()["content"] for e in events[1:3]] == ["a", "b"]
     assert error["type"] == "timeout" and error["retryable"] is True
@@ -121,7 +148,7 @@ def test_stall_mid_stream(gw, openai_fake):
 def test_cut_or_unparseable_chunk_is_never_success(gw, openai_fake, anthropic_fake, model, fault):
     scenario = Scenario(chunks=["a", "b", "c"], fault=fault, fault_after=2)
     (openai_fake if model.startswith("openai") else anthropic_fake).enqueue(scenario)
-    r, events = simple(gw, model)
+    _r, events = simple(gw, model)
     error, end = ending(events)
     assert error["type"] == "upstream_truncated"
     assert end["finish_reason"] == "error"
@@ -138,7 +165,7 @@ def test_finish_without_done_ends_at_once(gw, openai_fake, anthropic_fake, model
     scenario = Scenario(chunks=["x", "y"], fault="no_done", output_tokens=2)
     (openai_fake if model.startswith("openai") else anthropic_fake).enqueue(scenario)
     started = time.monotonic()
-    r, events = simple(gw, model)
+    _r, events = simple(gw, model)
     error, end = ending(events)
     assert error is None and end["finish_reason"] == "stop"
     assert end["usage"]["output_tokens"] == 2
@@ -148,34 +175,44 @@ def test_finish_without_done_ends_at_once(gw, openai_fake, anthropic_fake, model
 
 @pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-haiku-4-5"])
 def test_error_event_from_the_upstream(gw, openai_fake, anthropic_fake, model):
-    scenario = Scenario(chunks=["a", "b"], fault="error_event", fault_after=1,
-                        error_type="overloaded_error", error_message="Overloaded")
+    scenario = Scenario(
+        chunks=["a", "b"],
+        fault="error_event",
+        fault_after=1,
+        error_type="overloaded_error",
+        error_message="Overloaded",
+    )
     (openai_fake if model.startswith("openai") else anthropic_fake).enqueue(scenario)
-    r, events = simple(gw, model)
+    _r, events = simple(gw, model)
     error, end = ending(events)
     assert error["message"] == "Overloaded" and end["finish_reason"] == "error"
 
 
 def test_total_timeout(make_gateway, openai_fake):
-    gw = make_gateway(openai_fake=openai_fake, default_model="openai/gpt-4o-mini",
-                      total_timeout_s=0.8, idle_timeout_s=5)
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model="openai/gpt-4o-mini",
+        total_timeout_s=0.8,
+        idle_timeout_s=5,
+    )
     openai_fake.enqueue(Scenario(chunks=[str(i) for i in range(20)], interval=0.1))
-    r, events = simple(gw)
+    _r, events = simple(gw)
     error, end = ending(events)
     assert error["type"] == "timeout" and "total" in error["message"]
     assert end["finish_reason"] == "timeout" and 700 <= end["duration_ms"] < 2000
 
 
 def test_usage_is_reported_as_far_as_known_on_failure(gw, anthropic_fake):
-    anthropic_fake.enqueue(Scenario(chunks=["a", "b"], fault="cut", fault_after=1,
-                                    input_tokens=33))
+    anthropic_fake.enqueue(Scenario(chunks=["a", "b"], fault="cut", fault_after=1, input_tokens=33))
     _, events = simple(gw, "anthropic/claude-haiku-4-5")
     _, end = ending(events)
     assert end["usage"]["input_tokens"] == 33
 
 
 def test_unreachable_provider(make_gateway):
-    gw = make_gateway(default_model="down/m", providers={
-        "down": {"kind": "openai-compatible", "base_url": "http://127.0.0.1:9/v1"}})
+    gw = make_gateway(
+        default_model="down/m",
+        providers={"down": {"kind": "openai-compatible", "base_url": "http://127.0.0.1:9/v1"}},
+    )
     r, _ = simple(gw, "down/m")
     assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_unavailable"

@@ -28,8 +28,9 @@ def client(gw):
 
 def test_stream_relays_tokens_and_names_the_model(client, openai_fake):
     openai_fake.default = Scenario(chunks=["Hel", "lo", " there"])
-    chunks = list(client.chat.completions.create(model="openai/gpt-4o-mini", messages=MSG,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=MSG, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello there"
@@ -42,20 +43,28 @@ def test_stream_relays_tokens_and_names_the_model(client, openai_fake):
 
 def test_include_usage_adds_the_usage_chunk(client, openai_fake):
     openai_fake.default = Scenario(chunks=["a", "b", "c"], input_tokens=21, output_tokens=3)
-    chunks = list(client.chat.completions.create(
-        model="openai/gpt-4o-mini", messages=MSG, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="openai/gpt-4o-mini",
+            messages=MSG,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     last = chunks[-1]
     assert last.choices == []
     assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
-        21, 3, 24)
+        21,
+        3,
+        24,
+    )
 
 
 def test_non_stream_completion(client, openai_fake):
     openai_fake.default = Scenario(chunks=["Hello", " world"], input_tokens=5, output_tokens=2)
-    result = client.chat.completions.create(model="openai/gpt-4o-mini", messages=MSG,
-                                            max_tokens=50, temperature=0.5)
+    result = client.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=MSG, max_tokens=50, temperature=0.5
+    )
     assert result.choices[0].message.content == "Hello world"
     assert result.choices[0].finish_reason == "stop"
     assert result.model == "openai/gpt-4o-mini"
@@ -82,18 +91,29 @@ def _assemble(chunks):
     return calls, finish
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-CALLS = [ToolCallSpec(id="call_1", name="get_weather", arguments=['{"ci', 'ty": "Par', 'is"}']),
-         ToolCallSpec(id="call_2", name="get_time", arguments=['{}'])]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+CALLS = [
+    ToolCallSpec(id="call_1", name="get_weather", arguments=['{"ci', 'ty": "Par', 'is"}']),
+    ToolCallSpec(id="call_2", name="get_time", arguments=["{}"]),
+]
 
 
 @pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"])
 def test_tool_call_deltas_in_openai_shape(client, openai_fake, anthropic_fake, model):
     scenario = Scenario(chunks=["Let me check."], tool_calls=CALLS, finish_reason="tool_calls")
     openai_fake.default = anthropic_fake.default = scenario
-    chunks = list(client.chat.completions.create(model=model, messages=MSG, tools=TOOLS,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, stream=True)
+    )
     calls, finish = _assemble(chunks)
     assert finish == "tool_calls"
     assert calls[0]["name"] == "get_weather" and calls[0]["arguments"] == '{"city": "Paris"}'
@@ -105,17 +125,24 @@ def test_tool_call_deltas_in_openai_shape(client, openai_fake, anthropic_fake, m
 
 
 def test_anthropic_upstream_text_usage_and_stop_reason(client, anthropic_fake):
-    anthropic_fake.default = Scenario(chunks=["Bon", "jour"], finish_reason="length",
-                                      input_tokens=9, output_tokens=2)
+    anthropic_fake.default = Scenario(
+        chunks=["Bon", "jour"], finish_reason="length", input_tokens=9, output_tokens=2
+    )
     messages = [{"role": "system", "content": "Be brief."}, *MSG]
-    chunks = list(client.chat.completions.create(
-        model="anthropic/claude-sonnet-4-5", messages=messages, stream=True, max_tokens=2,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="anthropic/claude-sonnet-4-5",
+            messages=messages,
+            stream=True,
+            max_tokens=2,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Bonjour"
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and
-              c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length"]
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 2)
     sent = anthropic_fake.attempts[0].body
@@ -147,8 +174,9 @@ def test_failure_after_start_raises_in_the_sdk(client, openai_fake):
     openai_fake.default = Scenario(chunks=["a", "b", "c"], fault="cut", fault_after=2)
     got = []
     with pytest.raises(openai.APIError) as info:
-        for c in client.chat.completions.create(model="openai/gpt-4o-mini", messages=MSG,
-                                                stream=True):
+        for c in client.chat.completions.create(
+            model="openai/gpt-4o-mini", messages=MSG, stream=True
+        ):
             got.append(c.choices[0].delta.content if c.choices else None)
     assert "ended early" in str(info.value)
     assert got[-2:] == ["a", "b"]
@@ -156,7 +184,8 @@ def test_failure_after_start_raises_in_the_sdk(client, openai_fake):
 
 def test_non_stream_failure_is_an_http_error(gw, openai_fake):
     openai_fake.default = Scenario(chunks=["a", "b"], fault="cut", fault_after=1)
-    r = httpx.post(gw.url + "/v1/chat/completions",
-                   json={"model": "openai/gpt-4o-mini", "messages": MSG})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": MSG}
+    )
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_truncated"

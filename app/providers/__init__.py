@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -20,9 +21,9 @@ def build_provider(name: str, config: ProviderConfig, settings: Settings) -> Any
         from app.providers.anthropic import AnthropicProvider
 
         return AnthropicProvider(name, config, settings)
-    try:
-        from app.providers.local import LocalProvider
-    except ImportError:
+    from app.providers.local import LocalProvider
+
+    if importlib.util.find_spec("llama_cpp") is None:
         log.warning(
             "provider '%s' (the embedded model) is unavailable: install the 'local' extra", name
         )

