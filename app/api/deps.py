@@ -1,4 +1,8 @@
-"""What routes share: the app's state, client-key auth, and body parsing."""
+"""What routes share: the app's state, client-key auth, and body parsing.
+
+Dependencies are ``async def``: FastAPI runs a plain ``def`` one in a worker
+thread, a thread hop per request for nothing.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ class GatewayState:
     client_keys: tuple[bytes, ...]
 
 
-def gateway(request: Request) -> GatewayState:
+async def gateway(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
@@ -32,7 +36,7 @@ def gateway(request: Request) -> GatewayState:
 State = Annotated[GatewayState, Depends(gateway)]
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     rid: str = request.scope["state"]["request_id"]
     return rid
 
@@ -59,7 +63,7 @@ def _bearer(request: Request) -> str | None:
 
 
 def _check(request: Request, *, allow_query: bool) -> None:
-    keys = gateway(request).client_keys
+    keys = request.app.state.gateway.client_keys
     if not keys:
         return
     token = _bearer(request)
@@ -74,11 +78,11 @@ def _check(request: Request, *, allow_query: bool) -> None:
         )
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     _check(request, allow_query=False)
 
 
-def require_key_or_token(request: Request) -> None:
+async def require_key_or_token(request: Request) -> None:
     _check(request, allow_query=True)
 
 

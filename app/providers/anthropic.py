@@ -22,6 +22,7 @@ from app.providers.errors import in_band_error, map_sdk_error, truncated
 from app.providers.sse import SSEDecoder
 
 DEFAULT_MAX_TOKENS = 4096
+_JSON: Any = {"headers": {"Content-Type": "application/json"}}
 
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -246,8 +247,15 @@ class AnthropicProvider:
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         params = build_params(request)
         try:
-            cm = self._client.messages.with_streaming_response.create(**params)
-            resp = await cm.__aenter__()
+            # Plain JSON params, sent as bytes: see app.providers.openai.
+            upstream = await self._client.post(
+                "/v1/messages",
+                cast_to=object,
+                content=orjson.dumps(params),
+                options=_JSON,
+                stream=True,
+                stream_cls=anthropic.AsyncStream[object],
+            )
         except anthropic.AnthropicError as exc:
             raise map_sdk_error(exc, self.name) from None
         try:
@@ -255,7 +263,7 @@ class AnthropicProvider:
             decoder = SSEDecoder()
             norm = AnthropicNormaliser(self.name)
             try:
-                async for chunk in resp.http_response.aiter_bytes():
+                async for chunk in upstream.response.aiter_bytes():
                     if norm.done:
                         continue  # drain to the end so the connection can be reused
                     events: list[ChatEvent] = []
@@ -276,4 +284,4 @@ class AnthropicProvider:
             except httpx2.HTTPError:
                 raise truncated(self.name, "the connection was cut") from None
         finally:
-            await cm.__aexit__(None, None, None)
+            await upstream.close()

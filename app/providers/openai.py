@@ -22,6 +22,8 @@ from app.providers.base import ChatRequest
 from app.providers.errors import in_band_error, map_sdk_error, truncated
 from app.providers.sse import SSEDecoder
 
+_JSON: Any = {"headers": {"Content-Type": "application/json"}}
+
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -112,14 +114,23 @@ class OpenAIProvider:
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         params = build_params(request)
         try:
-            cm = self._client.chat.completions.with_streaming_response.create(**params)
-            resp = await cm.__aenter__()
+            # The SDK's typed create() walks every parameter through its
+            # TypedDict transform (milliseconds per request); the params are
+            # already plain JSON, so they go as bytes through the same client.
+            upstream = await self._client.post(
+                "/chat/completions",
+                cast_to=object,
+                content=orjson.dumps(params),
+                options=_JSON,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            )
         except openai.OpenAIError as exc:
             raise map_sdk_error(exc, self.name) from None
         try:
             yield [Start()]
             decoder = SSEDecoder()
-            body = resp.http_response.aiter_bytes()
+            body = upstream.response.aiter_bytes()
             done = False
             try:
                 async for chunk in body:
@@ -146,4 +157,4 @@ class OpenAIProvider:
             except httpx2.HTTPError:
                 raise truncated(self.name, "the connection was cut") from None
         finally:
-            await cm.__aexit__(None, None, None)
+            await upstream.close()
