@@ -39,6 +39,10 @@ def test_stream_relays_tokens_and_names_the_model(client, openai_fake):
     assert all(c.usage is None for c in chunks)
     sent = openai_fake.attempts[0].body
     assert sent["model"] == "gpt-4o-mini" and sent["messages"] == MSG and sent["stream"] is True
+    # The SDK's identity: our provider key, never the client's.
+    headers = openai_fake.attempts[0].headers
+    assert headers["authorization"] == "Bearer sk-test-upstream-key-0123456789"
+    assert headers["user-agent"].startswith("AsyncOpenAI/Python")
 
 
 def test_include_usage_adds_the_usage_chunk(client, openai_fake):
@@ -147,6 +151,7 @@ def test_anthropic_upstream_text_usage_and_stop_reason(client, anthropic_fake):
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 2)
     sent = anthropic_fake.attempts[0].body
     assert sent["system"] == "Be brief." and sent["max_tokens"] == 2
+    assert anthropic_fake.attempts[0].headers["anthropic-version"]
     assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
 
 

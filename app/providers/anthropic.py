@@ -12,18 +12,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
-import httpx2
 import orjson
 
 from app.config import ProviderConfig, Settings
 from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.base import ChatRequest
-from app.providers.errors import in_band_error, map_sdk_error, truncated
+from app.providers.errors import in_band_error, truncated
+from app.providers.http import UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 
 DEFAULT_MAX_TOKENS = 4096
-_JSON: Any = {"headers": {"Content-Type": "application/json"}}
-
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -231,57 +229,40 @@ class AnthropicProvider:
         self.name = name
         connect = config.connect_timeout_s or settings.connect_timeout_s
         api_key = config.api_key.get_secret_value() if config.api_key else "none"
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
-            base_url=config.base_url,
-            max_retries=0,
-            timeout=httpx2.Timeout(connect=connect, read=None, write=connect, pool=connect),
-            http_client=anthropic.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=100_000, max_keepalive_connections=1_000),
-            ),
+        # The SDK client only lends its base URL and headers (see http.py).
+        self._http = UpstreamSession(
+            name, anthropic.AsyncAnthropic(api_key=api_key, base_url=config.base_url), connect
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         params = build_params(request)
-        try:
-            # Plain JSON params, sent as bytes: see app.providers.openai.
-            upstream = await self._client.post(
-                "/v1/messages",
-                cast_to=object,
-                content=orjson.dumps(params),
-                options=_JSON,
-                stream=True,
-                stream_cls=anthropic.AsyncStream[object],
-            )
-        except anthropic.AnthropicError as exc:
-            raise map_sdk_error(exc, self.name) from None
+        resp = await self._http.post_stream("/v1/messages", params)
+        complete = False
         try:
             yield [Start()]
             decoder = SSEDecoder()
             norm = AnthropicNormaliser(self.name)
-            try:
-                async for chunk in upstream.response.aiter_bytes():
-                    if norm.done:
-                        continue  # drain to the end so the connection can be reused
-                    events: list[ChatEvent] = []
-                    bad = False
-                    for _name, data in decoder.feed(chunk):
-                        try:
-                            obj = orjson.loads(data)
-                        except orjson.JSONDecodeError:
-                            bad = True
-                            break
-                        events += norm.feed(obj)
-                    if events:
-                        yield events
-                    if bad:
-                        # We cannot know what it carried, so skipping it could
-                        # hide lost text: treat it like a cut.
-                        raise truncated(self.name, "an unparseable chunk")
-            except httpx2.HTTPError:
-                raise truncated(self.name, "the connection was cut") from None
+            async for chunk in read_chunks(resp, self.name):
+                if norm.done:
+                    continue  # drain to the end so the connection can be reused
+                events: list[ChatEvent] = []
+                bad = False
+                for _name, data in decoder.feed(chunk):
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        bad = True
+                        break
+                    events += norm.feed(obj)
+                if events:
+                    yield events
+                if bad:
+                    # We cannot know what it carried, so skipping it could
+                    # hide lost text: treat it like a cut.
+                    raise truncated(self.name, "an unparseable chunk")
+            complete = True
         finally:
-            await upstream.close()
+            release(resp, complete)

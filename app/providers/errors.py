@@ -1,8 +1,7 @@
 """Upstream failures -> ``GatewayError``s, shared by the SDK-based providers.
 
-Both official SDKs raise the same family (``APIStatusError`` with
-``status_code``/``body``/``response``, ``APIConnectionError``,
-``APITimeoutError``), so one mapping serves both. Upstream messages are kept
+OpenAI and Anthropic error bodies differ only in nesting, so one mapping
+serves both. Upstream messages are kept
 (they explain a 400 better than we could) but scrubbed of anything shaped
 like a key, and a 401/403 from the provider never reaches the client as one:
 it is the gateway's credentials that were refused, not the client's.
@@ -10,23 +9,18 @@ it is the gateway's credentials that were refused, not the client's.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import re
 import time
 from typing import Any
 
-import aiohttp
-import anthropic
-import openai
+import orjson
 
 from app.errors import (
     GatewayError,
     UpstreamAuthFailed,
     UpstreamStatus,
-    UpstreamTimeout,
     UpstreamTruncated,
-    UpstreamUnavailable,
 )
 
 _KEYISH = re.compile(r"\b(?:sk|pk|rk|key|sess|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
@@ -66,46 +60,27 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, str | 
     return text("message"), text("type"), text("code"), text("param")
 
 
-def map_sdk_error(exc: Exception, provider: str) -> GatewayError:
-    """An SDK exception raised before the stream started."""
-    if isinstance(exc, openai.APIStatusError | anthropic.APIStatusError):
-        status = exc.status_code
-        if status in (401, 403):
-            return UpstreamAuthFailed(
-                f"provider '{provider}' refused the gateway's credentials (HTTP {status}); "
-                "check its API key setting",
-                code="upstream_auth_failed",
-            )
-        message, etype, code, param = _error_fields(exc.body)
-        return UpstreamStatus(
-            scrub(message or f"provider '{provider}' answered HTTP {status}"),
-            upstream_status=status,
-            error_type=etype,
-            code=code,
-            param=param,
-            retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
+def map_status(status: int, body: bytes, retry_after: str | None, provider: str) -> GatewayError:
+    """An upstream's error status, before the stream started."""
+    if status in (401, 403):
+        return UpstreamAuthFailed(
+            f"provider '{provider}' refused the gateway's credentials (HTTP {status}); "
+            "check its API key setting",
+            code="upstream_auth_failed",
         )
-    if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
-        # The aiohttp transport files every connection error under a timeout
-        # class; the original exception says what really happened.
-        if not _timed_out(exc):
-            return UpstreamUnavailable(
-                f"could not reach provider '{provider}' (connection refused or reset)",
-                code="upstream_unavailable",
-            )
-        return UpstreamTimeout(f"provider '{provider}' did not answer in time", code="timeout")
-    return UpstreamUnavailable(f"provider '{provider}' failed", code="upstream_error")
-
-
-def _timed_out(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
-            return True
-        if isinstance(seen, aiohttp.ClientError):
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError)
+    try:
+        parsed: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    message, etype, code, param = _error_fields(parsed)
+    return UpstreamStatus(
+        scrub(message or f"provider '{provider}' answered HTTP {status}"),
+        upstream_status=status,
+        error_type=etype,
+        code=code,
+        param=param,
+        retry_after=parse_retry_after(retry_after),
+    )
 
 
 def in_band_error(body: Any, provider: str = "upstream") -> GatewayError:

@@ -12,17 +12,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 
 from app.config import ProviderConfig, Settings
 from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.base import ChatRequest
-from app.providers.errors import in_band_error, map_sdk_error, truncated
+from app.providers.errors import in_band_error, truncated
+from app.providers.http import UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
-
-_JSON: Any = {"headers": {"Content-Type": "application/json"}}
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -97,64 +95,44 @@ class OpenAIProvider:
         self.name = name
         connect = config.connect_timeout_s or settings.connect_timeout_s
         api_key = config.api_key.get_secret_value() if config.api_key else "none"
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key,
-            base_url=config.base_url,
-            max_retries=0,
-            # Read timeouts are the relay's (first token, idle, total).
-            timeout=httpx2.Timeout(connect=connect, read=None, write=connect, pool=connect),
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=100_000, max_keepalive_connections=1_000),
-            ),
+        # The SDK client only lends its base URL and headers (see http.py).
+        self._http = UpstreamSession(
+            name, openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url), connect
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         params = build_params(request)
-        try:
-            # The SDK's typed create() walks every parameter through its
-            # TypedDict transform (milliseconds per request); the params are
-            # already plain JSON, so they go as bytes through the same client.
-            upstream = await self._client.post(
-                "/chat/completions",
-                cast_to=object,
-                content=orjson.dumps(params),
-                options=_JSON,
-                stream=True,
-                stream_cls=openai.AsyncStream[object],
-            )
-        except openai.OpenAIError as exc:
-            raise map_sdk_error(exc, self.name) from None
+        resp = await self._http.post_stream("/chat/completions", params)
+        complete = False
         try:
             yield [Start()]
             decoder = SSEDecoder()
-            body = upstream.response.aiter_bytes()
+            body = read_chunks(resp, self.name)
             done = False
-            try:
-                async for chunk in body:
-                    if done:
-                        continue  # drain to the end so the connection can be reused
-                    events: list[ChatEvent] = []
-                    bad = False
-                    for _name, data in decoder.feed(chunk):
-                        if data == b"[DONE]":
-                            done = True
-                            break
-                        try:
-                            obj = orjson.loads(data)
-                        except orjson.JSONDecodeError:
-                            bad = True
-                            break
-                        events += normalise_chunk(obj)
-                    if events:
-                        yield events
-                    if bad:
-                        # We cannot know what it carried, so skipping it could
-                        # hide lost text: treat it like a cut.
-                        raise truncated(self.name, "an unparseable chunk")
-            except httpx2.HTTPError:
-                raise truncated(self.name, "the connection was cut") from None
+            async for chunk in body:
+                if done:
+                    continue  # drain to the end so the connection can be reused
+                events: list[ChatEvent] = []
+                bad = False
+                for _name, data in decoder.feed(chunk):
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        bad = True
+                        break
+                    events += normalise_chunk(obj)
+                if events:
+                    yield events
+                if bad:
+                    # We cannot know what it carried, so skipping it could
+                    # hide lost text: treat it like a cut.
+                    raise truncated(self.name, "an unparseable chunk")
+            complete = True
         finally:
-            await upstream.close()
+            release(resp, complete)

@@ -1,0 +1,98 @@
+"""The upstream HTTP call, shared by the SDK-based providers.
+
+The official SDK client is the source of the request's identity: base URL,
+auth and version headers, exactly as the SDK would send them. The call itself
+goes out on one aiohttp session per provider, because the SDK's per-request
+machinery (parameter transform, httpx2 request and header models) costs about
+a millisecond a request, the whole budget of added time to first token.
+httpx 0.28 is not an option for upstream calls either: its pool bookkeeping
+collapses at about a thousand connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from app.providers.errors import map_status, truncated
+
+# Bodies of upstream errors are read only this far.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class UpstreamSession:
+    def __init__(self, name: str, sdk_client: Any, connect_timeout: float) -> None:
+        self.name = name
+        self._sdk = sdk_client
+        self._base = str(sdk_client.base_url).rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, connect=connect_timeout
+        )
+        self._headers: dict[str, str] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _start(self) -> aiohttp.ClientSession:
+        sdk = self._sdk
+        headers = {**sdk.default_headers, **sdk.auth_headers}
+        self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=self._timeout,
+            auto_decompress=True,
+        )
+        return self._session
+
+    async def post_stream(self, path: str, params: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST JSON; the response once its status is 2xx, else a GatewayError."""
+        session = self._session or self._start()
+        try:
+            resp = await session.post(
+                self._base + path, data=orjson.dumps(params), headers=self._headers
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(
+                f"provider '{self.name}' did not accept the connection in time", code="timeout"
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamUnavailable(
+                f"could not reach provider '{self.name}' (connection refused or reset)",
+                code="upstream_unavailable",
+            ) from None
+        if resp.status < 300:
+            return resp
+        try:
+            body = await resp.content.read(_ERROR_BODY_LIMIT)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            resp.close()
+        raise map_status(resp.status, body, resp.headers.get("retry-after"), self.name)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def read_chunks(resp: aiohttp.ClientResponse, provider: str) -> AsyncIterator[bytes]:
+    """The body as it arrives; a broken connection is a truncation."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, asyncio.IncompleteReadError):
+        raise truncated(provider, "the connection was cut") from None
+
+
+def release(resp: aiohttp.ClientResponse, complete: bool) -> None:
+    """Back to the pool after a whole body; otherwise the connection is closed now."""
+    if complete:
+        resp.release()
+    else:
+        resp.close()
+
+
+__all__ = ["GatewayError", "UpstreamSession", "read_chunks", "release"]
