@@ -35,16 +35,6 @@ def dumps(obj: Any) -> bytes:
     return out
 
 
-def frame(data: bytes, *, event: bytes | None = None, id: bytes | None = None) -> bytes:
-    """One event; ``data`` must be a single line (JSON from ``dumps``)."""
-    head = b""
-    if id is not None:
-        head = b"id: " + id + b"\n"
-    if event is not None:
-        head += b"event: " + event + b"\n"
-    return head + b"data: " + data + b"\n\n"
-
-
 def retry_hint(base_ms: int = 3000) -> bytes:
     """A jittered ``retry:`` so that a crowd of clients does not reconnect in step."""
     return b"retry: %d\n" % random.randint(int(base_ms * 0.8), int(base_ms * 1.2))

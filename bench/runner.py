@@ -1,0 +1,869 @@
+"""The orchestrator behind ``python -m bench`` (``make bench``).
+
+One run measures the same load sent straight to the fake upstream ("direct")
+and through the gateway ("gateway"). The gateway runs as
+``taskset -c 0 python -m app``; this process (the load client) and the fake
+upstream (``bench.upstream``) run on CPU 1. Gateway CPU is its process CPU
+clock (the utime+stime of /proc/<pid>/stat at ns resolution; the tick-based
+stat value is kept in the JSON too); RSS is VmRSS from /proc/<pid>/status.
+
+Parts (``--parts``, default all; sizes of the full run, ``--quick`` is smaller):
+
+- ``ttft``: 200 sequential requests (1 content chunk) on a keep-alive connection;
+  TTFT = request written -> first content event. Also the gateway CPU per request.
+- ``saturated``: 64 streams x 5000 chunks as fast as flow control allows. Each
+  stream waits after its first chunk until all 64 are set up, then all go at
+  once. Gateway CPU per relayed chunk.
+- ``unbatched``: 64 streams x 50 chunks 100 ms apart, so each chunk is its own
+  read and write. Gateway CPU per relayed chunk.
+- ``many``: 1,000 concurrent streams x 50 chunks 20 ms apart: how many complete
+  (every chunk and [DONE], no error), TTFT p99 (from the connect: a new
+  connection per stream).
+- ``rss``: a fresh gateway, idle RSS after warm-up, then 1,000 streams held
+  open after their first token; (RSS - idle) / streams.
+
+CPU per chunk is taken over the steady window (every stream set up -> the first
+one about to end), so request set-up and teardown stay out; the whole-run
+figure, set-up included, is in the table too. Results go to stdout as a table
+and to ``bench/results/latest.json``; ``--profile`` runs the gateway under
+cProfile (``bench/results/gateway-profile.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+
+from bench.client import (
+    SSEClientProtocol,
+    StreamResult,
+    chat_request,
+    connect,
+    http_get,
+    one_stream,
+)
+from bench.common import (
+    API_KEY,
+    GATEWAY_PROVIDER,
+    CpuMeter,
+    cpu_s,
+    model_id,
+    process_tree,
+    raise_nofile,
+    rss_kib,
+    summarize,
+)
+from bench.report import render
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HOST = "127.0.0.1"
+PARTS = ("ttft", "saturated", "unbatched", "many", "rss")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    warmup: int = 20
+    ttft_requests: int = 200
+    sat_streams: int = 64
+    sat_chunks: int = 5000
+    # After its first chunk each stream waits until all are set up, then they go together.
+    unb_streams: int = 64
+    unb_chunks: int = 50
+    unb_interval_ms: int = 100
+    many_streams: int = 1000
+    many_chunks: int = 50
+    many_interval_ms: int = 20
+    rss_streams: int = 1000
+    part_timeout_s: float = 180.0
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    warmup=5,
+    ttft_requests=40,
+    sat_streams=16,
+    sat_chunks=3000,
+    unb_streams=16,
+    unb_chunks=10,
+    many_streams=100,
+    many_chunks=10,
+    rss_streams=100,
+    part_timeout_s=30.0,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pinned(cmd: list[str], cpu: int | None) -> list[str]:
+    if cpu is None:
+        return cmd
+    if shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu), *cmd]
+    raise SystemExit("taskset not found (util-linux); run with --no-pin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+class Upstream:
+    def __init__(self, cpu: int | None) -> None:
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = RESULTS_DIR / "upstream.log"
+
+    def start(self) -> None:
+        cmd = pinned([sys.executable, "-m", "bench.upstream", "--port", "0"], self.cpu)
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=logf, start_new_session=True
+            )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY "):
+            stop_process(self.proc)
+            raise SystemExit(f"fake upstream did not start: {line!r}\n{tail(self.log_path)}")
+        self.port = int(line.split()[1])
+        log(f"fake upstream on {HOST}:{self.port} (pid {self.proc.pid}, cpu {self.cpu})")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stats(self) -> dict[str, int]:
+        status, body = await http_get(HOST, self.port, "/stats")
+        return orjson.loads(body) if status == 200 else {}
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Gateway:
+    def __init__(self, upstream_port: int, cpu: int | None, profile: bool = False) -> None:
+        self.upstream_port = upstream_port
+        self.cpu = cpu
+        self.profile = profile
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.starts = 0
+        self.log_path = RESULTS_DIR / "gateway.log"
+        self.startup_s = 0.0
+
+    @staticmethod
+    def available() -> str | None:
+        """None if ``python -m app`` can be tried, else why not."""
+        if not (ROOT / "app" / "__main__.py").exists():
+            return "app/__main__.py does not exist (python -m app is not written yet)"
+        return None
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))
+        }
+        providers = {
+            GATEWAY_PROVIDER: {
+                "kind": "openai-compatible",
+                "base_url": f"http://{HOST}:{self.upstream_port}/v1",
+                "api_key": "bench",
+            }
+        }
+        env.update(
+            {
+                "GATEWAY_LOCAL_ENABLED": "false",
+                "GATEWAY_PROVIDERS": orjson.dumps(providers).decode(),
+                "GATEWAY_DEFAULT_MODEL": f"{GATEWAY_PROVIDER}/{model_id(10, 0)}",
+                "GATEWAY_API_KEYS": API_KEY,
+                "GATEWAY_LOG_LEVEL": "warning",
+                "GATEWAY_FIRST_TOKEN_TIMEOUT_S": "60",
+                "GATEWAY_IDLE_TIMEOUT_S": "60",
+                "GATEWAY_TOTAL_TIMEOUT_S": "600",
+                "GATEWAY_PING_INTERVAL_S": "15",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.port = free_port()
+        module = ["-m", "app"]
+        if self.profile:
+            module = ["-m", "bench.gwprof", str(RESULTS_DIR / f"gateway-{self.starts + 1}.prof")]
+        cmd = pinned([sys.executable, *module, "--host", HOST, "--port", str(self.port)], self.cpu)
+        self.starts += 1
+        mode = "wb" if self.starts == 1 else "ab"
+        with open(self.log_path, mode) as logf:
+            logf.write(f"--- start {self.starts}: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            return subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=self.env(),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def start(self) -> None:
+        self.proc = self._spawn()
+        t0 = time.perf_counter()
+        last = "no answer"
+        while time.perf_counter() - t0 < 60:
+            if self.proc.poll() is not None:
+                raise GatewayFailed(
+                    f"gateway exited with {self.proc.returncode} during startup:\n"
+                    f"{tail(self.log_path)}"
+                )
+            try:
+                status, body = await http_get(HOST, self.port, "/healthz", limit_s=2)
+                if status == 200:
+                    break
+                last = f"HTTP {status}: {body[:200]!r}"
+            except (TimeoutError, OSError, ValueError, IndexError) as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.1)
+        else:
+            self.stop()
+            raise GatewayFailed(
+                f"gateway /healthz not 200 after 60 s ({last})\n{tail(self.log_path)}"
+            )
+        self.startup_s = time.perf_counter() - t0
+        affinity = sorted(os.sched_getaffinity(self.proc.pid))
+        log(
+            f"gateway on {HOST}:{self.port} (pid {self.proc.pid}, cpus {affinity}, "
+            f"ready in {self.startup_s:.1f}s)"
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        return stop_process(self.proc)
+
+
+class GatewayFailed(Exception):
+    pass
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    prefix: str  # "" direct, "bench/" through the gateway
+    pid: int | None  # the process whose CPU / RSS are measured (the gateway), if any
+
+    def payload(self, chunks: int, interval_ms: int, delay_ms: int = 0, group: int = 0) -> bytes:
+        model = self.prefix + model_id(chunks, interval_ms, delay_ms, group)
+        return chat_request(HOST, self.port, model)
+
+
+# --- helpers for the parts -----------------------------------------------------------------------
+
+
+def failures(results: list[StreamResult], tokens: int) -> dict[str, Any]:
+    reasons: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    samples: list[str] = []
+    for r in results:
+        statuses[r.status] += 1
+        why = r.failure(tokens)
+        if why is None:
+            continue
+        reasons[why] += 1
+        detail = r.error or f"status {r.status}, tokens {r.tokens}, done {r.done}"
+        detail = detail[:400]
+        if detail not in samples and len(samples) < 5:
+            samples.append(detail)
+    return {
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "reasons": dict(reasons),
+        "samples": samples,
+    }
+
+
+class LoadMeter:
+    """CPU used on the load side (this process + the fake upstream)."""
+
+    def __init__(self, upstream_pid: int) -> None:
+        self.up = CpuMeter(upstream_pid)
+        self.me0 = time.process_time()
+
+    def stop(self) -> dict[str, float]:
+        up = self.up.stop()["cpu_s"] or 0.0
+        me = time.process_time() - self.me0
+        return {"client_cpu_s": me, "upstream_cpu_s": up, "total_cpu_s": me + up}
+
+
+async def sequential(
+    target: Target, payload: bytes, n: int, limit_s: float
+) -> tuple[list[StreamResult], int]:
+    """n requests one after another on a keep-alive connection (reconnecting if closed)."""
+    results: list[StreamResult] = []
+    reconnects = 0
+    proto: SSEClientProtocol | None = None
+    for _ in range(n):
+        if proto is None or proto.closed:
+            if proto is not None:
+                reconnects += 1
+            proto = await connect(HOST, target.port)
+        res = StreamResult()
+        try:
+            await asyncio.wait_for(proto.request(payload, res), limit_s)
+        except TimeoutError:
+            res.error = res.error or f"timeout: no end of response after {limit_s}s"
+            proto.abort()
+            proto = None
+        results.append(res)
+        await asyncio.sleep(0.002)
+    if proto is not None and proto.transport is not None:
+        proto.transport.close()
+    return results, reconnects
+
+
+async def concurrent(
+    target: Target, payload: bytes, streams: int | list[StreamResult], limit_s: float
+) -> tuple[list[StreamResult], float]:
+    """Requests all at once, each on a fresh connection; returns results and wall time."""
+    results = [StreamResult() for _ in range(streams)] if isinstance(streams, int) else streams
+    protos: list[SSEClientProtocol] = []
+    t0 = time.perf_counter()
+    tasks = [
+        asyncio.ensure_future(one_stream(HOST, target.port, payload, r, protos)) for r in results
+    ]
+    _, pending = await asyncio.wait(tasks, timeout=limit_s)
+    wall = time.perf_counter() - t0
+    if pending:
+        for r in results:
+            if r.elapsed is None and r.error is None:
+                r.error = f"timeout: stream still open after {limit_s:.0f}s"
+        for p in protos:
+            p.abort()
+        await asyncio.wait(pending, timeout=10)
+    return results, wall
+
+
+class Window:
+    """Marks (time, CPU of the measured process, chunks relayed so far) during a run:
+
+    - ``setup``: every stream has its first token (all request set-up done);
+    - ``flow``: some stream has its second token (bulk streaming has begun);
+    - ``near_end``: some stream is one chunk from its end (no teardown yet);
+    - ``end``: the run is over.
+
+    Steady CPU per chunk is setup -> near_end (request set-up and teardown left out);
+    bulk throughput and busy share are flow -> end.
+    """
+
+    def __init__(self, results: list[StreamResult], chunks: int, pid: int | None) -> None:
+        self.results = results
+        self.chunks = chunks
+        self.pids = process_tree(pid) if pid else []
+        self.marks: dict[str, tuple[float, float, int]] = {}
+
+    def mark(self, name: str) -> None:
+        tokens = sum(r.tokens for r in self.results)
+        cpu = cpu_s(self.pids) if self.pids else 0.0
+        self.marks[name] = (time.perf_counter(), cpu, tokens)
+
+    async def watch(self) -> None:
+        results = self.results
+        poll = 0.002 if len(results) <= 128 else 0.005
+        last = max(1, self.chunks - 1)
+        marks = self.marks
+        while True:  # polling: cheap next to the load, and no hooks in the hot path
+            if "setup" not in marks and all(r.tokens or r.elapsed is not None for r in results):
+                self.mark("setup")
+            if "flow" not in marks and any(r.tokens >= 2 for r in results):
+                self.mark("flow")
+            if "near_end" not in marks and any(
+                r.tokens >= last or r.elapsed is not None for r in results
+            ):
+                self.mark("near_end")
+            if len(marks) == 3:
+                return
+            await asyncio.sleep(poll)
+
+    def span(self, a: str, b: str) -> dict[str, Any] | None:
+        if a not in self.marks or b not in self.marks:
+            return None
+        (t0, c0, k0), (t1, c1, k1) = self.marks[a], self.marks[b]
+        wall, chunks = t1 - t0, k1 - k0
+        if wall <= 0 or chunks <= 0:
+            return None
+        out: dict[str, Any] = {"s": wall, "chunks": chunks, "chunks_per_s": chunks / wall}
+        if self.pids:
+            out["cpu_s"] = c1 - c0
+            out["busy"] = (c1 - c0) / wall
+            out["cpu_per_chunk_us"] = (c1 - c0) / chunks * 1e6
+        return out
+
+
+async def warm(target: Target, sizes: Sizes) -> None:
+    payload = target.payload(10, 0)
+    seq, _ = await sequential(target, payload, sizes.warmup, 30)
+    conc, _ = await concurrent(target, payload, 64, 30)
+    bad = [r for r in seq + conc if not r.ok(10)]
+    if bad:
+        f = failures(bad, 10)
+        log(f"warm-up against {target.name}: {len(bad)} bad streams: {f}")
+
+
+def ms(values: list[float]) -> list[float]:
+    return [v * 1000 for v in values]
+
+
+# --- the parts -----------------------------------------------------------------------------------
+
+
+async def part_ttft(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any]:
+    payload = target.payload(1, 0)
+    await sequential(target, payload, sizes.warmup, 30)
+    up0 = await up.stats()
+    meter = CpuMeter(target.pid) if target.pid else None
+    t0 = time.perf_counter()
+    results, reconnects = await sequential(target, payload, sizes.ttft_requests, 30)
+    wall = time.perf_counter() - t0
+    cpu = meter.stop() if meter else None
+    ok = [r for r in results if r.ok(1)]
+    out: dict[str, Any] = {
+        "requests": len(results),
+        "complete": len(ok),
+        "reconnects": reconnects,
+        "wall_s": wall,
+        "ttft_ms": summarize(ms([r.ttft for r in ok if r.ttft is not None])),
+        "elapsed_ms": summarize(ms([r.elapsed for r in ok if r.elapsed is not None])),
+        "failures": failures(results, 1),
+    }
+    if cpu is not None:
+        out["cpu"] = cpu
+        out["cpu_per_request_us"] = cpu["cpu_s"] / len(results) * 1e6
+    out["upstream"] = upstream_delta(up0, await settle(up))
+    return out
+
+
+async def part_stream_load(
+    target: Target,
+    up: Upstream,
+    streams: int,
+    chunks: int,
+    interval_ms: int,
+    limit_s: float,
+    together: bool = False,
+) -> dict[str, Any]:
+    # together: after the first chunk every stream waits (up to 30 s) for all to be set up.
+    payload = target.payload(chunks, interval_ms, 30_000 if together else 0, streams * together)
+    results = [StreamResult() for _ in range(streams)]
+    window = Window(results, chunks, target.pid)
+    watcher = asyncio.ensure_future(window.watch())
+    up0 = await up.stats()
+    meter = CpuMeter(target.pid) if target.pid else None
+    load = LoadMeter(up.pid)
+    results, wall = await concurrent(target, payload, results, limit_s)
+    window.mark("end")
+    cpu = meter.stop() if meter else None
+    load_cpu = load.stop()
+    watcher.cancel()
+    relayed = sum(r.tokens for r in results)
+    ok = [r for r in results if r.ok(chunks)]
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    out: dict[str, Any] = {
+        "streams": streams,
+        "chunks_per_stream": chunks,
+        "interval_ms": interval_ms,
+        "together": together,
+        "complete": len(ok),
+        "chunks_relayed": relayed,
+        "events": sum(r.events for r in results),
+        "wall_s": wall,
+        "chunks_per_s": relayed / wall if wall else None,
+        "ttft_ms": summarize(ms(ttfts)),
+        "elapsed_ms": summarize(ms([r.elapsed for r in ok if r.elapsed is not None])),
+        "load": load_cpu,
+        "load_busy": load_cpu["total_cpu_s"] / wall if wall else None,
+        "steady": window.span("setup", "near_end"),
+        "bulk": window.span("flow", "end"),
+        "failures": failures(results, chunks),
+    }
+    if cpu is not None:
+        # Whole run: includes every request's set-up and teardown.
+        out["cpu"] = cpu
+        out["cpu_busy"] = cpu["cpu_s"] / wall if wall else None
+        out["cpu_per_chunk_total_us"] = cpu["cpu_s"] / relayed * 1e6 if relayed else None
+        out["cpu_per_chunk_stat_us"] = cpu["stat_s"] / relayed * 1e6 if relayed else None
+        # The aim is about the per-chunk path: the steady window, when it holds enough.
+        steady = out["steady"]
+        if steady is not None and steady["chunks"] >= 0.2 * relayed:
+            out["cpu_per_chunk_us"] = steady["cpu_per_chunk_us"]
+            out["cpu_per_chunk_from"] = "steady"
+        else:
+            out["cpu_per_chunk_us"] = out["cpu_per_chunk_total_us"]
+            out["cpu_per_chunk_from"] = "whole run (steady window too short)"
+    stats = await settle(up)
+    out["upstream"] = upstream_delta(up0, stats)
+    return out
+
+
+def upstream_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    out = {k: after.get(k, 0) - before.get(k, 0) for k in ("connections", "streams", "aborted")}
+    out["left_open"] = after.get("active", 0)
+    return out
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+async def settle(up: Upstream, wait_s: float = 5.0) -> dict[str, int]:
+    """Wait (a little) until the upstream has no open streams; return its stats."""
+    deadline = time.perf_counter() + wait_s
+    stats = await up.stats()
+    while stats.get("active", 0) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+        stats = await up.stats()
+    await asyncio.sleep(0.3)
+    return stats
+
+
+async def part_rss(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any]:
+    assert target.pid is not None
+    pids = process_tree(target.pid)
+    up0 = await up.stats()
+    await asyncio.sleep(1.0)
+    idle = rss_kib(pids)
+    n = sizes.rss_streams
+    payload = target.payload(2, 600_000)  # first token at once, the second in 10 minutes
+    results = [StreamResult() for _ in range(n)]
+    protos: list[SSEClientProtocol] = []
+    tasks = [
+        asyncio.ensure_future(one_stream(HOST, target.port, payload, r, protos)) for r in results
+    ]
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < sizes.part_timeout_s:
+        if all(r.ttft is not None or r.elapsed is not None for r in results):
+            break
+        await asyncio.sleep(0.05)
+    opened_s = time.perf_counter() - t0
+    await asyncio.sleep(1.0)
+    held = sum(1 for r in results if r.ttft is not None and r.elapsed is None)
+    samples = []
+    for _ in range(5):
+        samples.append(rss_kib(pids))
+        await asyncio.sleep(0.2)
+    rss_open = max(samples)
+    up_stats = await up.stats()
+    for p in protos:
+        p.abort()
+    await asyncio.wait(tasks, timeout=10)
+    t1 = time.perf_counter()
+    stats = await up.stats()
+    while stats.get("active", 0) and time.perf_counter() - t1 < 15:
+        await asyncio.sleep(0.1)
+        stats = await up.stats()
+    released_s = time.perf_counter() - t1
+    await asyncio.sleep(1.0)
+    rss_after = rss_kib(pids)
+    return {
+        "streams": n,
+        "held_open": held,
+        "open_s": opened_s,
+        "ttft_ms": summarize(ms([r.ttft for r in results if r.ttft is not None])),
+        "idle_rss_kib": idle,
+        "open_rss_kib": rss_open,
+        "after_close_rss_kib": rss_after,
+        "per_stream_kib": (rss_open - idle) / held if held else None,
+        "upstream_active_while_open": up_stats.get("active"),
+        "upstream_left_open_after_close": stats.get("active"),
+        "upstream_aborted": stats.get("aborted", 0) - up0.get("aborted", 0),
+        "upstream_release_s": released_s,
+        "failures": failures([r for r in results if r.ttft is None], 2),
+    }
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = QUICK if args.quick else FULL
+    parts = [p for p in PARTS if p in args.parts]
+    out: dict[str, Any] = {
+        "meta": {
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:],
+            "quick": args.quick,
+            "parts": parts,
+            "sizes": asdict(sizes),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gateway_cpu": args.gateway_cpu,
+            "load_cpu": args.load_cpu,
+            "nofile": raise_nofile(),
+        },
+        "parts": {},
+    }
+    up = Upstream(args.load_cpu)
+    up.start()
+    gw: Gateway | None = None
+    try:
+        direct = Target("direct", up.port, "", None)
+        targets = [direct]
+        if not args.direct_only:
+            why = Gateway.available()
+            if why:
+                raise GatewayFailed(why)
+            gw = Gateway(up.port, args.gateway_cpu, args.profile)
+            await gw.start()
+            out["meta"]["gateway_startup_s"] = gw.startup_s
+            targets.append(Target("gateway", gw.port, f"{GATEWAY_PROVIDER}/", gw.pid))
+        for t in targets:
+            await warm(t, sizes)
+        if gw is not None and args.profile:
+            os.kill(gw.pid, signal.SIGUSR1)  # start profiling now that warm-up is done
+        per_request_us: float | None = None
+        gateway_used = False
+        for part in parts:
+            if part == "rss":
+                continue
+            res: dict[str, Any] = {}
+            for t in targets:
+                log(f"{part}: {t.name} ...")
+                if t.name == "gateway" and gw is not None and not gw.alive():
+                    res[t.name] = {"error": f"gateway died (exit {gw.proc.returncode})"}  # type: ignore[union-attr]
+                    continue
+                gateway_used = gateway_used or t.name == "gateway"
+                if part == "ttft":
+                    r = await part_ttft(t, sizes, up)
+                    per_request_us = r.get("cpu_per_request_us", per_request_us)
+                elif part == "saturated":
+                    r = await part_stream_load(
+                        t,
+                        up,
+                        sizes.sat_streams,
+                        sizes.sat_chunks,
+                        0,
+                        sizes.part_timeout_s,
+                        together=True,
+                    )
+                elif part == "unbatched":
+                    r = await part_stream_load(
+                        t,
+                        up,
+                        sizes.unb_streams,
+                        sizes.unb_chunks,
+                        sizes.unb_interval_ms,
+                        sizes.part_timeout_s,
+                    )
+                    if per_request_us is not None and r.get("cpu") and r["chunks_relayed"]:
+                        # Whole run less the per-request cost measured by the ttft part.
+                        setup = per_request_us * sizes.unb_streams / 1e6
+                        r["per_request_us_used"] = per_request_us
+                        r["cpu_per_chunk_excl_setup_us"] = (
+                            (r["cpu"]["cpu_s"] - setup) / r["chunks_relayed"] * 1e6
+                        )
+                else:
+                    r = await part_stream_load(
+                        t,
+                        up,
+                        sizes.many_streams,
+                        sizes.many_chunks,
+                        sizes.many_interval_ms,
+                        sizes.part_timeout_s,
+                    )
+                res[t.name] = r
+                log(f"{part}: {t.name} done: {short(part, r)}")
+            out["parts"][part] = res
+        if "rss" in parts:
+            res = {}
+            if gw is not None:
+                if gateway_used:
+                    log("rss: restarting the gateway for a clean idle RSS ...")
+                    gw.stop()
+                    await gw.start()
+                    await warm(Target("gateway", gw.port, f"{GATEWAY_PROVIDER}/", gw.pid), sizes)
+                t = Target("gateway", gw.port, f"{GATEWAY_PROVIDER}/", gw.pid)
+                log("rss: gateway ...")
+                res["gateway"] = await part_rss(t, sizes, up)
+                log(f"rss: gateway done: {short('rss', res['gateway'])}")
+            else:
+                log("rss: direct (the fake upstream's own RSS; harness check) ...")
+                res["direct"] = await part_rss(Target("direct", up.port, "", up.pid), sizes, up)
+            out["parts"]["rss"] = res
+    finally:
+        if gw is not None:
+            code = gw.stop()
+            out["meta"]["gateway_exit"] = code
+        up.stop()
+    return out
+
+
+def write_profile() -> None:
+    import io
+    import pstats
+
+    files = sorted(RESULTS_DIR.glob("gateway-*.prof"))
+    if not files:
+        log("no gateway profile was written")
+        return
+    buf = io.StringIO()
+    stats = pstats.Stats(str(files[0]), stream=buf)  # the first gateway: every part but rss
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(60)
+    out = RESULTS_DIR / "gateway-profile.txt"
+    out.write_text(buf.getvalue())
+    log(f"gateway profile: {out} (raw: {', '.join(f.name for f in files)})")
+
+
+def short(part: str, r: dict[str, Any]) -> str:
+    if part == "rss":
+        return f"{r.get('held_open')} held, {fmt(r.get('per_stream_kib'))} KiB/stream"
+    bits = [f"complete {r.get('complete')}"]
+    if r.get("ttft_ms", {}).get("p50") is not None:
+        bits.append(f"ttft p50 {r['ttft_ms']['p50']:.3f} ms p99 {r['ttft_ms']['p99']:.3f} ms")
+    if r.get("cpu_per_chunk_us") is not None:
+        bits.append(f"{r['cpu_per_chunk_us']:.1f} us cpu/chunk")
+    if r.get("cpu_per_request_us") is not None:
+        bits.append(f"{r['cpu_per_request_us']:.0f} us cpu/request")
+    if r.get("failures", {}).get("reasons"):
+        bits.append(f"failures {r['failures']['reasons']}")
+    return ", ".join(bits)
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Gateway streaming benchmark: direct-to-upstream vs through the gateway.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run (default all): {','.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--direct-only", action="store_true", help="only the direct side (no gateway)"
+    )
+    parser.add_argument("--gateway-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--json", default=str(RESULTS_DIR / "latest.json"), help="where to write the results"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the gateway under cProfile (slower!); top functions go to "
+        "bench/results/gateway-profile.txt",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when an aim is missed (else only on errors)"
+    )
+    args = parser.parse_args(argv)
+    chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    args.parts = chosen
+    if args.no_pin:
+        args.gateway_cpu = args.load_cpu = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for old in RESULTS_DIR.glob("gateway-*.prof"):
+        old.unlink()
+    if args.load_cpu is not None:
+        available = os.sched_getaffinity(0)
+        if args.load_cpu not in available or args.gateway_cpu not in available:
+            log(f"cpus {args.gateway_cpu}/{args.load_cpu} not both available ({available}); no pin")
+            args.gateway_cpu = args.load_cpu = None
+        else:
+            os.sched_setaffinity(0, {args.load_cpu})
+    raise_nofile()
+    t0 = time.perf_counter()
+    error: str | None = None
+    try:
+        out = uvloop.run(run(args))
+    except GatewayFailed as exc:
+        error = str(exc)
+        out = {"error": error}
+    wall = time.perf_counter() - t0
+    out.setdefault("meta", {})["wall_s"] = wall
+    text, missed = render(out) if error is None else ("", [])
+    out["aims_missed"] = missed
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    if error is not None:
+        print(f"bench: gateway failed: {error}", file=sys.stderr)
+        return 2
+    if args.profile:
+        text = "(gateway ran under cProfile: its numbers are inflated)\n" + text
+        write_profile()
+    print(text)
+    print(f"\n(results in {path}; run took {wall:.0f} s)")
+    if args.strict and missed:
+        return 1
+    return 0
