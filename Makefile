@@ -26,6 +26,8 @@ run: $(VENV)/.run-deps
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-deps
+	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: $(VENV)/.dev-deps
