@@ -118,6 +118,17 @@ def clock_cpu_s(pids: Iterable[int]) -> float | None:
     return total
 
 
+def system_cpu_s() -> tuple[float, float]:
+    """Machine-wide (busy, steal) CPU seconds from /proc/stat, all CPUs together."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / _CLK_TCK, steal / _CLK_TCK
+
+
 def rss_kib(pids: Iterable[int]) -> int:
     """VmRSS from /proc/<pid>/status, summed, in KiB."""
     total = 0

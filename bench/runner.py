@@ -69,6 +69,7 @@ from bench.common import (
     raise_nofile,
     rss_kib,
     summarize,
+    system_cpu_s,
 )
 from bench.report import render
 
@@ -76,6 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
 PARTS = ("ttft", "saturated", "unbatched", "many", "rss")
+EXTRA_PARTS = ("floor",)  # only when asked for
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,21 @@ def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> int
 # --- processes -----------------------------------------------------------------------------------
 
 
+def spawn_ready(cmd: list[str], log_path: Path, what: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a helper that prints ``READY <port>`` once listening."""
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=logf, start_new_session=True
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline().decode() if ready else ""
+    if not line.startswith("READY "):
+        stop_process(proc)
+        raise SystemExit(f"{what} did not start: {line!r}\n{tail(log_path)}")
+    return proc, int(line.split()[1])
+
+
 class Upstream:
     def __init__(self, cpu: int | None) -> None:
         self.cpu = cpu
@@ -158,17 +175,7 @@ class Upstream:
 
     def start(self) -> None:
         cmd = pinned([sys.executable, "-m", "bench.upstream", "--port", "0"], self.cpu)
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=logf, start_new_session=True
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            stop_process(self.proc)
-            raise SystemExit(f"fake upstream did not start: {line!r}\n{tail(self.log_path)}")
-        self.port = int(line.split()[1])
+        self.proc, self.port = spawn_ready(cmd, self.log_path, "fake upstream")
         log(f"fake upstream on {HOST}:{self.port} (pid {self.proc.pid}, cpu {self.cpu})")
 
     @property
@@ -335,16 +342,35 @@ def failures(results: list[StreamResult], tokens: int) -> dict[str, Any]:
 
 
 class LoadMeter:
-    """CPU used on the load side (this process + the fake upstream)."""
+    """CPU used on the load side (this process + the fake upstream), and machine-wide."""
 
     def __init__(self, upstream_pid: int) -> None:
         self.up = CpuMeter(upstream_pid)
         self.me0 = time.process_time()
+        self.sys0 = system_cpu_s()
 
     def stop(self) -> dict[str, float]:
         up = self.up.stop()["cpu_s"] or 0.0
         me = time.process_time() - self.me0
-        return {"client_cpu_s": me, "upstream_cpu_s": up, "total_cpu_s": me + up}
+        busy1, steal1 = system_cpu_s()
+        return {
+            "client_cpu_s": me,
+            "upstream_cpu_s": up,
+            "total_cpu_s": me + up,
+            "machine_busy_s": busy1 - self.sys0[0],
+            "machine_steal_s": steal1 - self.sys0[1],
+        }
+
+
+def other_load(load: dict[str, float], gateway_cpu_s: float, wall: float) -> dict[str, float]:
+    """Machine CPU not spent by this bench (another process, or kernel work not charged
+    to ours: loopback networking mostly). Much of it means the numbers are suspect."""
+    other = load["machine_busy_s"] - load["total_cpu_s"] - gateway_cpu_s
+    return {
+        "other_cpu_s": other,
+        "other_share": other / wall if wall else 0.0,
+        "steal_share": load["machine_steal_s"] / wall if wall else 0.0,
+    }
 
 
 async def sequential(
@@ -473,10 +499,12 @@ async def part_ttft(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any
     await sequential(target, payload, sizes.warmup, 30)
     up0 = await up.stats()
     meter = CpuMeter(target.pid) if target.pid else None
+    load = LoadMeter(up.pid)
     t0 = time.perf_counter()
     results, reconnects = await sequential(target, payload, sizes.ttft_requests, 30)
     wall = time.perf_counter() - t0
     cpu = meter.stop() if meter else None
+    load_cpu = load.stop()
     ok = [r for r in results if r.ok(1)]
     out: dict[str, Any] = {
         "requests": len(results),
@@ -486,6 +514,8 @@ async def part_ttft(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any
         "ttft_ms": summarize(ms([r.ttft for r in ok if r.ttft is not None])),
         "elapsed_ms": summarize(ms([r.elapsed for r in ok if r.elapsed is not None])),
         "failures": failures(results, 1),
+        "load": load_cpu,
+        "machine": other_load(load_cpu, cpu["cpu_s"] if cpu else 0.0, wall),
     }
     if cpu is not None:
         out["cpu"] = cpu
@@ -533,6 +563,7 @@ async def part_stream_load(
         "elapsed_ms": summarize(ms([r.elapsed for r in ok if r.elapsed is not None])),
         "load": load_cpu,
         "load_busy": load_cpu["total_cpu_s"] / wall if wall else None,
+        "machine": other_load(load_cpu, cpu["cpu_s"] if cpu else 0.0, wall),
         "steady": window.span("setup", "near_end"),
         "bulk": window.span("flow", "end"),
         "failures": failures(results, chunks),
@@ -579,6 +610,37 @@ async def settle(up: Upstream, wait_s: float = 5.0) -> dict[str, int]:
         stats = await up.stats()
     await asyncio.sleep(0.3)
     return stats
+
+
+async def part_floor(up: Upstream, sizes: Sizes, cpu: int | None) -> dict[str, Any]:
+    """The saturated and unbatched loads through a raw byte relay on the gateway's CPU."""
+    cmd = pinned([sys.executable, "-m", "bench.relay", "--upstream-port", str(up.port)], cpu)
+    proc, port = spawn_ready(cmd, RESULTS_DIR / "relay.log", "raw relay")
+    try:
+        t = Target("relay", port, "", proc.pid)
+        await warm(t, sizes)
+        out: dict[str, Any] = {}
+        log("floor: raw relay, saturated ...")
+        out["saturated"] = await part_stream_load(
+            t, up, sizes.sat_streams, sizes.sat_chunks, 0, sizes.part_timeout_s, together=True
+        )
+        log("floor: raw relay, unbatched ...")
+        out["unbatched"] = await part_stream_load(
+            t,
+            up,
+            sizes.unb_streams,
+            sizes.unb_chunks,
+            sizes.unb_interval_ms,
+            sizes.part_timeout_s,
+        )
+        log(
+            "floor: done: "
+            f"{fmt(out['saturated'].get('cpu_per_chunk_us'), '.2f')} us/chunk saturated, "
+            f"{fmt(out['unbatched'].get('cpu_per_chunk_us'), '.2f')} us/chunk unbatched"
+        )
+        return {"relay": out}
+    finally:
+        stop_process(proc)
 
 
 async def part_rss(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any]:
@@ -641,7 +703,7 @@ async def part_rss(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any]
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
-    parts = [p for p in PARTS if p in args.parts]
+    parts = [p for p in PARTS + EXTRA_PARTS if p in args.parts]
     out: dict[str, Any] = {
         "meta": {
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -679,7 +741,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         per_request_us: float | None = None
         gateway_used = False
         for part in parts:
-            if part == "rss":
+            if part in ("rss", "floor"):
                 continue
             res: dict[str, Any] = {}
             for t in targets:
@@ -729,6 +791,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 res[t.name] = r
                 log(f"{part}: {t.name} done: {short(part, r)}")
             out["parts"][part] = res
+        if "floor" in parts:
+            out["parts"]["floor"] = await part_floor(up, sizes, args.gateway_cpu)
         if "rss" in parts:
             res = {}
             if gw is not None:
@@ -798,7 +862,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),
-        help=f"comma-separated parts to run (default all): {','.join(PARTS)}",
+        help=f"comma-separated parts to run (default all): {','.join(PARTS)}; also "
+        "'floor': the saturated and unbatched loads through a raw TCP relay (bench.relay) "
+        "pinned like the gateway, the floor for any Python relay here",
     )
     parser.add_argument(
         "--direct-only", action="store_true", help="only the direct side (no gateway)"
@@ -820,9 +886,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in PARTS]
+    unknown = [p for p in chosen if p not in PARTS + EXTRA_PARTS]
     if unknown:
-        parser.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+        parser.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS + EXTRA_PARTS)}")
     args.parts = chosen
     if args.no_pin:
         args.gateway_cpu = args.load_cpu = None
@@ -851,8 +917,9 @@ def main(argv: list[str] | None = None) -> int:
         out = {"error": error}
     wall = time.perf_counter() - t0
     out.setdefault("meta", {})["wall_s"] = wall
-    text, missed = render(out) if error is None else ("", [])
-    out["aims_missed"] = missed
+    text, summary = render(out) if error is None else ("", {"aims_missed": []})
+    out = {"summary": summary, **out}
+    missed = summary["aims_missed"]
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
