@@ -593,14 +593,6 @@ def upstream_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, i
     return out
 
 
-def _get(d: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
-
-
 async def settle(up: Upstream, wait_s: float = 5.0) -> dict[str, int]:
     """Wait (a little) until the upstream has no open streams; return its stats."""
     deadline = time.perf_counter() + wait_s
