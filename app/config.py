@@ -31,13 +31,23 @@ class ProviderConfig(BaseModel):
     first_token_timeout_s: float | None = Field(default=None, gt=0)
     idle_timeout_s: float | None = Field(default=None, gt=0)
     total_timeout_s: float | None = Field(default=None, gt=0)
+    # The upstream continues a trailing assistant message instead of starting a
+    # new turn (Anthropic prefill; vLLM's continue_final_message). Only such
+    # providers are asked to continue a broken answer (see AliasConfig).
+    accepts_continuation: bool = False
 
 
 class AliasConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     targets: list[str] = Field(min_length=1)
+    # Tried instead of the remaining targets when one says the prompt is too long.
     context_window_fallbacks: list[str] = Field(default_factory=list)
+    # Content-policy rejections are final unless these are set.
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
+    # After a cut, stall or unparseable chunk with text already sent, ask the
+    # next target that accepts continuation to finish the answer.
+    continue_on_failure: bool = False
 
 
 def _split_commas(value: Any) -> Any:
@@ -69,6 +79,17 @@ class Settings(BaseSettings):
     total_timeout_s: float = Field(default=900.0, gt=0)
     ping_interval_s: float = Field(default=15.0, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
+    # Backoff between retries on one target: full jitter, uniform in
+    # [0, min(max, base * 2**retry)].
+    retry_backoff_s: float = Field(default=0.25, ge=0)
+    retry_backoff_max_s: float = Field(default=4.0, ge=0)
+    # An upstream's Retry-After is waited out up to this long; a longer one
+    # moves on to the next target instead of holding the client.
+    retry_after_max_s: float = Field(default=10.0, ge=0)
+    # Circuit breaker per target: open after this many consecutive failures,
+    # let one probe through after the cool-down.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_s: float = Field(default=30.0, gt=0)
     resume_grace_s: float = Field(default=10.0, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     redis_url: str | None = None

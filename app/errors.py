@@ -23,7 +23,7 @@ clients: they never carry a key, a stack trace or an upstream's raw body.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -125,8 +125,15 @@ class UpstreamError(GatewayError):
     retryable = True
 
 
+RejectReason = Literal["context_length", "content_policy"]
+
+
 class UpstreamStatus(UpstreamError):
-    """The upstream answered with an error status; we pass its status on."""
+    """The upstream answered with an error status; we pass its status on.
+
+    ``reason`` marks the two rejections that aliases can route around:
+    a prompt too long for the model, and a content-policy refusal.
+    """
 
     def __init__(
         self,
@@ -137,10 +144,12 @@ class UpstreamStatus(UpstreamError):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        reason: RejectReason | None = None,
     ) -> None:
         super().__init__(message, code=code, param=param, retry_after=retry_after)
         self.upstream_status = upstream_status
         self._type = error_type
+        self.reason = reason
 
     @property
     def http_status(self) -> int:
@@ -177,6 +186,18 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "timeout"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        phase: Literal["connect", "first_token", "idle", "total"] = "connect",
+        code: str | None = "timeout",
+    ) -> None:
+        super().__init__(message, code=code)
+        # Routing moves on after a silent upstream (first_token) rather than
+        # retry it, and gives up once the total budget is spent.
+        self.phase = phase
 
 
 class UpstreamTruncated(UpstreamError):

@@ -77,6 +77,33 @@ class Error:
 
 
 @dataclass(slots=True)
+class AttemptRecord:
+    """One upstream attempt of a generation, for the ``end`` event.
+
+    ``outcome``: ``ok`` (it answered), ``error``, ``timeout``, ``cancelled``,
+    or ``skipped`` (its circuit was open); ``code`` says which error.
+    """
+
+    target: str
+    outcome: str = "ok"
+    duration_ms: int = 0
+    status: int | None = None
+    code: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "target": self.target,
+            "outcome": self.outcome,
+            "duration_ms": self.duration_ms,
+        }
+        if self.status is not None:
+            out["status"] = self.status
+        if self.code is not None:
+            out["code"] = self.code
+        return out
+
+
+@dataclass(slots=True)
 class End:
     """The relay's last word on a generation (never produced by a provider)."""
 
@@ -87,6 +114,7 @@ class End:
     provider: str
     ttft_ms: int | None
     duration_ms: int
+    attempts: list[AttemptRecord] = field(default_factory=list)
     type: Literal["end"] = field(default="end", init=False)
 
     def usage(self) -> dict[str, int | None]:

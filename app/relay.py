@@ -1,10 +1,20 @@
-"""A running generation: one provider stream under the gateway's limits.
+"""A running generation: upstream attempts relayed under the gateway's limits.
 
-``Generation.open()`` waits for the upstream to accept (errors here still
-become an HTTP status); ``Generation.events()`` then yields event batches and
-guarantees an honest ending: exactly one ``End``, preceded by an ``Error``
-when anything went wrong (API.md, "The simple stream"). A provider stream that
-stops without a finish reason is a truncation, never a success.
+``Generation.open()`` waits until some target accepted the request (errors
+here still become an HTTP status; retries and fallbacks are ``Failover``'s).
+``Generation.events()`` then yields event batches and guarantees an honest
+ending: exactly one ``End``, preceded by an ``Error`` when anything went wrong
+(API.md, "The simple stream"). A provider stream that stops without a finish
+reason is a truncation, never a success.
+
+The ``Start`` event is held back until the first content: an attempt that
+fails before any content reached the client is replaced by the next one
+without the client seeing it, and ``start`` then names the model that
+actually answers. After content has been sent, a failure ends the stream,
+unless the alias allows continuation (``Failover.continuation``): the next
+target is asked to finish the partial answer and only what follows is
+relayed, so the client receives one whole answer; if that fails too, the
+client sees the original failure.
 
 Timeouts (first token, idle, total) are kept by one timer per stream that is
 re-armed only when it fires: the relay loop's only per-batch cost is storing
@@ -16,8 +26,8 @@ task reading the stream, and the relay turns that cancellation into a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Literal
 
 from app.errors import GatewayError, UpstreamTimeout, UpstreamTruncated
@@ -32,6 +42,9 @@ from app.events import (
     ToolCallDelta,
     Usage,
 )
+from app.failover import Failover, Limits, Opened
+
+log = logging.getLogger("app.relay")
 
 # After the finish reason, how long to wait for the usage and the end of the
 # upstream body before ending anyway (an upstream that never sends [DONE]).
@@ -40,40 +53,40 @@ FINISH_TAIL_S = 1.0
 Expiry = Literal["first_token", "idle", "total"]
 
 
-@dataclass(slots=True, frozen=True)
-class Limits:
-    first_token_s: float
-    idle_s: float
-    total_s: float
-
-
 class Watchdog:
     __slots__ = (
         "_handle",
         "_loop",
+        "attempt_start",
         "expired",
-        "first_token_at",
         "idle_s",
         "last",
         "limits",
         "start",
         "task",
+        "token",
     )
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, start: float, attempt_start: float) -> None:
         self._loop = asyncio.get_running_loop()
+        self.start = start
+        self.task: asyncio.Task[object] | None = asyncio.current_task()
+        self.arm(limits, attempt_start)
+
+    def arm(self, limits: Limits, attempt_start: float) -> None:
+        """Watch a (new) attempt: first-token deadline from its start, total from the stream's."""
         self.limits = limits
         self.idle_s = limits.idle_s
-        self.start = self.last = self._loop.time()
-        self.first_token_at: float | None = None
+        self.attempt_start = attempt_start
+        self.last = self._loop.time()
+        self.token = False
         self.expired: Expiry | None = None
-        self.task: asyncio.Task[object] | None = asyncio.current_task()
         self._handle = self._loop.call_at(self._deadline()[0], self._check)
 
     def _deadline(self) -> tuple[float, Expiry]:
         total = self.start + self.limits.total_s
-        if self.first_token_at is None:
-            first = self.start + self.limits.first_token_s
+        if not self.token:
+            first = self.attempt_start + self.limits.first_token_s
             return (first, "first_token") if first < total else (total, "total")
         idle = self.last + self.idle_s
         return (idle, "idle") if idle < total else (total, "total")
@@ -101,151 +114,266 @@ class Watchdog:
 class Generation:
     """See the module docstring. ``model``/``provider`` name the answering target."""
 
-    def __init__(
-        self, stream: AsyncIterator[list[ChatEvent]], *, model: str, provider: str, limits: Limits
-    ) -> None:
-        self.model = model
-        self.provider = provider
-        self._it = stream
-        self._wd = Watchdog(limits)
+    def __init__(self, failover: Failover) -> None:
+        self._fo = failover
+        self._opened: Opened | None = None
+        self._it: AsyncIterator[list[ChatEvent]] | None = None
         self._first: list[ChatEvent] = []
+        self._wd: Watchdog | None = None
+        self.model = ""
+        self.provider = ""
         self.finish: FinishReason | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+        self.first_token_at: float | None = None
+        self._start: Start | None = None  # held back until the first content
+        # Continuation: the text sent so far (only when the alias allows it),
+        # and what a continuing attempt must account for.
+        self._partial: list[str] | None = [] if failover.route.continue_on_failure else None
+        self._tools_sent = False
+        self._original: GatewayError | None = None
+        self._trim = ""
+        self._carry_output = 0
+        self._carry_input: int | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._fo.request.request_id
 
     async def open(self) -> None:
-        """Wait until the upstream accepted the request; raise its error otherwise."""
-        wd = self._wd
-        try:
-            self._first = await anext(self._it)
-            wd.last = wd._loop.time()
-        except asyncio.CancelledError:
-            if wd.owns_cancellation():
-                await self.aclose()
-                raise self._timeout_error() from None
-            await self.aclose()
-            raise
-        except StopAsyncIteration:
-            await self.aclose()
-            raise UpstreamTruncated(
-                f"provider '{self.provider}' closed the stream before it started",
-                code="upstream_truncated",
-            ) from None
-        except GatewayError:
-            await self.aclose()
-            raise
-        finally:
-            # Between here and events() no task reads the stream: a deadline
-            # that passes meanwhile is noticed when events() starts.
-            wd.task = None
+        """Wait until a target accepted the request; raise the most meaningful error otherwise."""
+        self._use(await self._fo.first())
 
-    def _timeout_error(self) -> UpstreamTimeout:
+    def _use(self, opened: Opened) -> None:
+        self._opened = opened
+        self._it = opened.stream
+        self._first = opened.first
+        self.model = opened.target.name
+        self.provider = opened.target.provider
+        self.finish = None
+        if self._original is None:  # usage counts only the answering attempt
+            self.input_tokens = self.output_tokens = None
+
+    def _timeout_error(self, wd: Watchdog) -> UpstreamTimeout:
+        kind = wd.expired or "total"
         what = {
             "first_token": "no first token within the first-token timeout",
             "idle": "no data within the idle timeout",
             "total": "the stream exceeded the total timeout",
-        }[self._wd.expired or "total"]
-        return UpstreamTimeout(f"provider '{self.provider}': {what}", code="timeout")
+        }[kind]
+        return UpstreamTimeout(f"provider '{self.provider}': {what}", phase=kind)
 
     def _scan(self, batch: list[ChatEvent]) -> list[ChatEvent]:
-        """Take Usage/Finish out of a batch (the relay reports them in End)."""
-        out: list[ChatEvent] | None = None
-        for i, ev in enumerate(batch):
-            cls = ev.__class__
-            if cls is TextDelta or cls is ToolCallDelta:
-                if self._wd.first_token_at is None:
-                    self._wd.first_token_at = self._wd.last
-                if out is not None:
-                    out.append(ev)
-                continue
-            if out is None:
-                out = batch[:i]
-            if isinstance(ev, Usage):
+        """Relay content as it is; take Usage/Finish out (End reports them)."""
+        wd = self._wd
+        assert wd is not None
+        if wd.token:
+            partial = self._partial
+            for ev in batch:
+                cls = ev.__class__
+                if cls is TextDelta:
+                    if partial is not None:
+                        partial.append(ev.text)  # type: ignore[union-attr]
+                elif cls is not ToolCallDelta:
+                    return self._scan_slow(batch)
+                else:
+                    self._tools_sent = True
+            return batch
+        return self._scan_slow(batch)
+
+    def _scan_slow(self, batch: list[ChatEvent]) -> list[ChatEvent]:
+        wd = self._wd
+        assert wd is not None
+        out: list[ChatEvent] = []
+        for ev in batch:
+            if isinstance(ev, TextDelta | ToolCallDelta):
+                if not wd.token:
+                    first = self._first_content(ev)
+                    if first is None:
+                        continue
+                    ev = first
+                    if self._start is not None:
+                        out.append(self._start)
+                        self._start = None
+                if isinstance(ev, TextDelta):
+                    if self._partial is not None:
+                        self._partial.append(ev.text)
+                else:
+                    self._tools_sent = True
+                out.append(ev)
+            elif isinstance(ev, Usage):
                 if ev.input_tokens is not None:
                     self.input_tokens = ev.input_tokens
                 if ev.output_tokens is not None:
                     self.output_tokens = ev.output_tokens
             elif isinstance(ev, Finish):
                 self.finish = ev.reason
-                self._wd.idle_s = min(self._wd.idle_s, FINISH_TAIL_S)
-                if self._wd.first_token_at is None:
-                    self._wd.first_token_at = self._wd.last
+                wd.idle_s = min(wd.idle_s, FINISH_TAIL_S)
+                if not wd.token:
+                    self._got_content()
             elif isinstance(ev, Start):
-                ev.model = self.model
-                ev.provider = self.provider
-                out.append(ev)
+                if self._original is None:  # a continuation's Start is not relayed
+                    ev.model = self.model
+                    ev.provider = self.provider
+                    self._start = ev
             else:
                 out.append(ev)
-        return batch if out is None else out
+        return out
+
+    def _got_content(self) -> None:
+        wd = self._wd
+        assert wd is not None and self._opened is not None
+        wd.token = True
+        if self.first_token_at is None:
+            self.first_token_at = wd.last
+        self._fo.succeeded(self._opened)
+
+    def _first_content(self, ev: TextDelta | ToolCallDelta) -> TextDelta | ToolCallDelta | None:
+        """An attempt's first content; a continuation's seam is trimmed of repeated whitespace."""
+        trim, self._trim = self._trim, ""
+        if trim and isinstance(ev, TextDelta) and ev.text.startswith(trim):
+            ev = TextDelta(ev.text[len(trim) :])
+            if not ev.text:
+                return None
+        self._got_content()
+        return ev
 
     def end(self, reason: FinishReason) -> End:
-        wd = self._wd
-        now = wd._loop.time()
-        ttft = wd.first_token_at
+        fo = self._fo
+        ttft = self.first_token_at
+        output = self.output_tokens
+        if self._original is not None:  # a continued answer: both attempts' output
+            output = self._carry_output + (output or 0)
+        inp = self._carry_input if self._carry_input is not None else self.input_tokens
         return End(
             finish_reason=reason,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
+            input_tokens=inp,
+            output_tokens=output,
             model=self.model,
             provider=self.provider,
-            ttft_ms=None if ttft is None else round((ttft - wd.start) * 1000),
-            duration_ms=round((now - wd.start) * 1000),
+            ttft_ms=None if ttft is None else round((ttft - fo.start) * 1000),
+            duration_ms=round((fo.loop.time() - fo.start) * 1000),
+            attempts=fo.records,
         )
 
     async def events(self) -> AsyncIterator[list[ChatEvent]]:
-        wd = self._wd
-        loop = wd._loop
-        it = self._it
-        wd.task = asyncio.current_task()
+        opened = self._opened
+        assert opened is not None
+        fo = self._fo
+        loop = fo.loop
+        wd = self._wd = Watchdog(opened.limits, fo.start, opened.started)
         failure: GatewayError | None = None
         try:
-            first, self._first = self._first, []
-            out = self._scan(first)
-            if out:
-                yield out
-            if wd.expired is not None:
-                raise asyncio.CancelledError  # expired between open() and now
-            while True:
+            while True:  # one round per attempt
+                failure = None
+                it = self._it
+                assert it is not None
                 try:
-                    batch = await anext(it)
-                except StopAsyncIteration:
+                    first, self._first = self._first, []
+                    out = self._scan(first)
+                    if out:
+                        yield out
+                    while True:
+                        try:
+                            batch = await anext(it)
+                        except StopAsyncIteration:
+                            break
+                        wd.last = loop.time()
+                        out = self._scan(batch)
+                        if out:
+                            yield out
+                        if self.finish is not None and self.output_tokens is not None:
+                            # Everything the client needs is known: end now, then
+                            # let the upstream body finish (or not) without the client.
+                            fo.settle(self._opened, None)  # type: ignore[arg-type]
+                            yield [self.end(self.finish)]
+                            await self._drain(it)
+                            return
+                except asyncio.CancelledError:
+                    if wd.expired is None or (wd.task is not None and not wd.owns_cancellation()):
+                        raise
+                    if self.finish is None:
+                        failure = self._timeout_error(wd)
+                except GatewayError as exc:
+                    failure = exc
+                if failure is None and self.finish is None:
+                    failure = UpstreamTruncated(
+                        f"provider '{self.provider}' ended the stream without a finish reason",
+                        code="upstream_truncated",
+                    )
+                current = self._opened
+                assert current is not None
+                fo.settle(current, failure)
+                await _close(it)
+                if failure is None:
                     break
-                wd.last = loop.time()
-                out = self._scan(batch)
-                if out:
-                    yield out
-                if self.finish is not None and self.output_tokens is not None:
-                    # Everything the client needs is known: end now, then let
-                    # the upstream body finish (or not) without the client.
-                    yield [self.end(self.finish)]
-                    await self._drain()
-                    return
-        except asyncio.CancelledError:
-            if wd.expired is None or (wd.task is not None and not wd.owns_cancellation()):
-                raise
-            if self.finish is None:
-                failure = self._timeout_error()
-        except GatewayError as exc:
-            failure = exc
+                log.warning(
+                    "upstream fault rid=%s target=%s code=%s: %s",
+                    self.request_id,
+                    current.target.name,
+                    failure.code,
+                    failure.message,
+                )
+                wd.stop()
+                nxt, failure = await self._next(failure)
+                if nxt is None:
+                    break
+                self._use(nxt)
+                wd.arm(nxt.limits, nxt.started)
         finally:
             wd.stop()
             await self.aclose()
         if failure is not None:
+            if self._original is not None:
+                failure = self._original  # a failed continuation reports the first failure
+            if self._start is not None:
+                yield [self._start]
+                self._start = None
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             yield [Error(failure), self.end(reason)]
-        elif self.finish is None:
-            err = UpstreamTruncated(
-                f"provider '{self.provider}' ended the stream without a finish reason",
-                code="upstream_truncated",
-            )
-            yield [Error(err), self.end("error")]
         else:
+            assert self.finish is not None
+            if self._start is not None:
+                yield [self._start]
+                self._start = None
             yield [self.end(self.finish)]
 
-    async def _drain(self) -> None:
+    async def _next(self, failure: GatewayError) -> tuple[Opened | None, GatewayError]:
+        """The attempt that takes over after ``failure``, or None and the error to report."""
         wd = self._wd
+        assert wd is not None
+        fo = self._fo
+        if not wd.token and self.first_token_at is None:
+            # Nothing reached the client yet: fail over as if before the stream.
+            try:
+                return await fo.after(failure), failure
+            except GatewayError as final:
+                return None, final
+        partial = self._partial
+        if (
+            partial is None
+            or self._original is not None
+            or self._tools_sent
+            or not failure.is_retryable
+            or (isinstance(failure, UpstreamTimeout) and failure.phase == "total")
+        ):
+            return None, failure
+        # Output tokens are rarely reported before a cut; text deltas stand in.
+        so_far = self.output_tokens or len(partial)
+        found = await fo.continuation("".join(partial), so_far)
+        if found is None:
+            return None, failure
+        opened, self._trim = found
+        self._original = failure
+        self._carry_output = so_far
+        self._carry_input = self.input_tokens
+        return opened, failure
+
+    async def _drain(self, it: AsyncIterator[list[ChatEvent]]) -> None:
+        wd = self._wd
+        assert wd is not None
         try:
-            async for _ in self._it:
+            async for _ in it:
                 pass
         except asyncio.CancelledError:
             if wd.expired is None or not wd.owns_cancellation():
@@ -254,7 +382,16 @@ class Generation:
             pass
 
     async def aclose(self) -> None:
-        self._wd.stop()
-        aclose = getattr(self._it, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if self._wd is not None:
+            self._wd.stop()
+        opened = self._opened
+        if opened is not None and not opened.settled:
+            self._fo.settle(opened, None, cancelled=True)
+        if self._it is not None:
+            await _close(self._it)
+
+
+async def _close(it: AsyncIterator[list[ChatEvent]]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()

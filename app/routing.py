@@ -1,20 +1,24 @@
-"""Model names -> targets, and opening a generation on them.
+"""Model names -> routes, and opening a generation on them.
 
-A request names ``provider/model-id`` or an alias (an ordered list of such
-targets). ``Router.open`` tries the targets in order until one accepts the
-request; a failure that retrying elsewhere cannot fix (a 400 that explains the
-problem) is raised at once. Retries with backoff, circuit breaking and
-mid-stream continuation build on this in later work.
+A request names ``provider/model-id`` or an alias. ``Router.resolve`` turns
+the name into a ``Route``: the ordered targets (primary first), the alias's
+fallbacks by error class, and whether a broken answer may be continued
+elsewhere. ``Router.open`` starts a ``Generation`` on it; which attempt comes
+after which failure is ``app.failover``'s, and each target's health is a
+circuit breaker in ``app.circuit``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from app.circuit import Circuits
 from app.config import ProviderConfig, Settings, SettingsError
-from app.errors import GatewayError, InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound
+from app.failover import Failover, Limits
+from app.metrics import Metrics
 from app.providers.base import ChatRequest, Provider
-from app.relay import Generation, Limits
+from app.relay import Generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,15 @@ class Target:
     @property
     def name(self) -> str:
         return f"{self.provider}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    targets: list[Target]
+    context_window_fallbacks: list[Target] = field(default_factory=list)
+    content_policy_fallbacks: list[Target] = field(default_factory=list)
+    continue_on_failure: bool = False
 
 
 class Router:
@@ -39,7 +52,12 @@ class Router:
         self.configs = configs
         self._limits = {name: self._make_limits(cfg) for name, cfg in configs.items()}
         self.default_model = settings.default_model or self._implicit_default()
+        self.circuits = Circuits(settings.circuit_failure_threshold, settings.circuit_cooldown_s)
+        self.metrics = Metrics(self.circuits)
         self._check_config()
+
+    def limits(self, target: Target) -> Limits:
+        return self._limits[target.provider]
 
     def _make_limits(self, cfg: ProviderConfig) -> Limits:
         s = self.settings
@@ -58,7 +76,8 @@ class Router:
     def _check_config(self) -> None:
         """Aliases and the default model must name real targets (fail at start)."""
         for alias, cfg in self.settings.aliases.items():
-            for name in [*cfg.targets, *cfg.context_window_fallbacks]:
+            named = [*cfg.targets, *cfg.context_window_fallbacks, *cfg.content_policy_fallbacks]
+            for name in named:
                 try:
                     self._parse(name)
                 except NotFound as exc:
@@ -105,7 +124,7 @@ class Router:
             raise self._not_found(f"unknown model '{name}'")
         return Target(provider, model)
 
-    def resolve(self, name: str | None) -> list[Target]:
+    def resolve(self, name: str | None) -> Route:
         name = name or self.default_model
         if not name:
             raise InvalidRequest(
@@ -114,35 +133,18 @@ class Router:
                 code="missing_model",
             )
         alias = self.settings.aliases.get(name)
-        if alias is not None:
-            return [self._parse(t) for t in alias.targets]
-        return [self._parse(name)]
+        if alias is None:
+            return Route(name, [self._parse(name)])
+        return Route(
+            name,
+            [self._parse(t) for t in alias.targets],
+            [self._parse(t) for t in alias.context_window_fallbacks],
+            [self._parse(t) for t in alias.content_policy_fallbacks],
+            alias.continue_on_failure,
+        )
 
-    async def open(self, targets: list[Target], request: ChatRequest) -> Generation:
-        """Start a generation on the first target that accepts it."""
-        errors: list[GatewayError] = []
-        for target in targets:
-            request.model = target.model
-            gen = Generation(
-                self.providers[target.provider].stream(request),
-                model=target.name,
-                provider=target.provider,
-                limits=self._limits[target.provider],
-            )
-            try:
-                await gen.open()
-            except GatewayError as exc:
-                errors.append(exc)
-                if not exc.is_retryable:
-                    raise
-                continue
-            return gen
-        raise _most_meaningful(errors)
-
-
-def _most_meaningful(errors: list[GatewayError]) -> GatewayError:
-    """A client error explains more than a later outage; otherwise the last one."""
-    for exc in errors:
-        if 400 <= exc.http_status < 500 and exc.http_status != 429:
-            return exc
-    return errors[-1]
+    async def open(self, route: Route, request: ChatRequest) -> Generation:
+        """A generation on the first target that accepts it (retries and fallbacks included)."""
+        gen = Generation(Failover(self, route, request))
+        await gen.open()
+        return gen

@@ -53,10 +53,11 @@ def test_leaving_while_the_upstream_stalls(gw, openai_fake):
 
 def test_leaving_before_the_first_token(gw, openai_fake):
     openai_fake.default = Scenario(chunks=["late"], first_token_delay=30)
+    # The response starts once the upstream accepted; `start` itself waits for
+    # the first token (it names the model that answers).
     with httpx.stream("POST", gw.url + "/chat/stream", json={"prompt": "hi"}) as r:
-        for line in r.iter_lines():
-            if line.startswith("event: start"):
-                break
+        assert r.status_code == 200
+        openai_fake.wait_for_attempts(1, timeout=3)
     left = time.monotonic()
     assert openai_fake.wait_closed(0, timeout=3) - left < 1.0
 

@@ -23,6 +23,7 @@ def gw(make_gateway, openai_fake, anthropic_fake):
         idle_timeout_s=0.5,
         total_timeout_s=5.0,
         connect_timeout_s=1.0,
+        max_retries=0,  # retries have their own tests (test_resilience.py)
     )
 
 

@@ -26,8 +26,8 @@ router = APIRouter()
 
 
 async def _stream(body: SimpleChatBody, state: State, rid: str) -> Response:
-    targets = state.router.resolve(body.model)
-    gen = await state.router.open(targets, body.to_request(rid))
+    route = state.router.resolve(body.model)
+    gen = await state.router.open(route, body.to_request(rid))
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),

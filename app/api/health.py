@@ -1,4 +1,4 @@
-"""Liveness and readiness; never behind auth."""
+"""Liveness, readiness and metrics; never behind auth (they carry no secrets)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.api.deps import State
+from app.metrics import CONTENT_TYPE
 from app.wire.sse import dumps
 
 router = APIRouter()
@@ -23,5 +24,16 @@ async def readyz(state: State) -> Response:
         ready = getattr(provider, "ready", True)
         providers[name] = "ready" if ready else "starting"
     ok = bool(providers) and all(v == "ready" for v in providers.values())
-    body = {"status": "ready" if ok else "not_ready", "providers": providers}
+    # Open circuits are shown but do not make the instance unready: every
+    # replica shares the same upstreams, and fallbacks may still answer.
+    body = {
+        "status": "ready" if ok else "not_ready",
+        "providers": providers,
+        "circuits": state.router.circuits.snapshot(),
+    }
     return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.router.metrics.render(), media_type=CONTENT_TYPE)

@@ -19,8 +19,8 @@ router = APIRouter(dependencies=[Depends(require_key)])
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(ChatCompletionBody, await json_body(request))
-    targets = state.router.resolve(body.model)
-    gen = await state.router.open(targets, body.to_request(rid))
+    route = state.router.resolve(body.model)
+    gen = await state.router.open(route, body.to_request(rid))
     if not body.stream:
         result = await collect_completion(gen.events(), model=gen.model)
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})

@@ -18,6 +18,7 @@ import orjson
 
 from app.errors import (
     GatewayError,
+    RejectReason,
     UpstreamAuthFailed,
     UpstreamStatus,
     UpstreamTruncated,
@@ -60,6 +61,34 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, str | 
     return text("message"), text("type"), text("code"), text("param")
 
 
+# How providers say "prompt too long" and "refused by policy": OpenAI and Azure
+# by code, Anthropic and vLLM only in the message.
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_TEXT = re.compile(
+    r"maximum context length|context window|prompt is too long|context_length_exceeded"
+    r"|too many tokens|exceeds the context",
+    re.IGNORECASE,
+)
+_POLICY_CODES = frozenset({"content_policy_violation", "content_filter", "content_policy"})
+_POLICY_TEXT = re.compile(
+    r"content (?:management )?policy|content filter|safety system|flagged as", re.IGNORECASE
+)
+
+
+def reject_reason(
+    status: int, code: str | None, message: str | None
+) -> tuple[RejectReason | None, str | None]:
+    """(reason, code) for a 4xx: the code becomes the uniform one when only the text said so."""
+    if not 400 <= status < 500 or status in (408, 409, 429):
+        return None, code
+    text = message or ""
+    if code in _CONTEXT_CODES or _CONTEXT_TEXT.search(text):
+        return "context_length", code or "context_length_exceeded"
+    if code in _POLICY_CODES or _POLICY_TEXT.search(text):
+        return "content_policy", code or "content_policy_violation"
+    return None, code
+
+
 def map_status(status: int, body: bytes, retry_after: str | None, provider: str) -> GatewayError:
     """An upstream's error status, before the stream started."""
     if status in (401, 403):
@@ -73,6 +102,7 @@ def map_status(status: int, body: bytes, retry_after: str | None, provider: str)
     except orjson.JSONDecodeError:
         parsed = None
     message, etype, code, param = _error_fields(parsed)
+    reason, code = reject_reason(status, code, message)
     return UpstreamStatus(
         scrub(message or f"provider '{provider}' answered HTTP {status}"),
         upstream_status=status,
@@ -80,6 +110,7 @@ def map_status(status: int, body: bytes, retry_after: str | None, provider: str)
         code=code,
         param=param,
         retry_after=parse_retry_after(retry_after),
+        reason=reason,
     )
 
 

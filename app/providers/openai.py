@@ -90,9 +90,16 @@ def build_params(request: ChatRequest) -> dict[str, Any]:
     return params
 
 
+# vLLM's (and SGLang's) switches for continuing the final assistant message
+# rather than answering it; other servers ignore unknown fields or reject them,
+# which is why continuation is opt-in per provider.
+CONTINUE_PARAMS = {"continue_final_message": True, "add_generation_prompt": False}
+
+
 class OpenAIProvider:
     def __init__(self, name: str, config: ProviderConfig, settings: Settings) -> None:
         self.name = name
+        self.kind = config.kind
         connect = config.connect_timeout_s or settings.connect_timeout_s
         api_key = config.api_key.get_secret_value() if config.api_key else "none"
         # The SDK client only lends its base URL and headers (see http.py).
@@ -105,6 +112,8 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         params = build_params(request)
+        if request.continuation and self.kind == "openai-compatible":
+            params.update(CONTINUE_PARAMS)
         resp = await self._http.post_stream("/chat/completions", params)
         complete = False
         try:

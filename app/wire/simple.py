@@ -23,6 +23,7 @@ def end_json(end: End) -> dict[str, Any]:
         "provider": end.provider,
         "ttft_ms": end.ttft_ms,
         "duration_ms": end.duration_ms,
+        "attempts": [a.json() for a in end.attempts],
     }
 
 

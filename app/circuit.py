@@ -1,0 +1,105 @@
+"""A circuit breaker per target, so that a provider that is down is not hammered.
+
+::
+
+    closed --N consecutive failures--> open --cool-down--> half-open
+      ^                                  ^                     |
+      +------------- probe succeeds -----|-- probe fails ------+
+
+While open, requests skip the target and go to their fallbacks. After the
+cool-down one request is let through as a probe; the others keep skipping
+until it has an outcome. A failure is what routing would retry or move on
+from (connect errors, 408/409/429/5xx, timeouts, broken streams); a request
+the upstream rightly refused (a 400) is neither, and neither is a client that
+went away. Success is recorded when the upstream delivers the first content.
+
+State lives in the process; every instance learns on its own (the breakers
+guard each instance's own calls, so that is enough).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+@dataclass(slots=True)
+class Breaker:
+    threshold: int
+    cooldown_s: float
+    clock: Callable[[], float] = time.monotonic
+    state: State = "closed"
+    failures: int = 0
+    opened_at: float = 0.0
+    probing: bool = False
+    opened_count: int = field(default=0)
+
+    def allow(self) -> bool:
+        """May a request go to this target now? (Takes the probe slot when half-open.)"""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            if self.clock() - self.opened_at < self.cooldown_s:
+                return False
+            self.state = "half_open"
+            self.probing = False
+        if self.probing:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.threshold:
+            if self.state != "open":
+                self.opened_count += 1
+            self.state = "open"
+            self.opened_at = self.clock()
+            self.probing = False
+
+    def release(self) -> None:
+        """The probe ended without an outcome (the client left): let another probe."""
+        self.probing = False
+
+    def retry_in(self) -> float:
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.cooldown_s - (self.clock() - self.opened_at))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "consecutive_failures": self.failures,
+            "retry_in_s": round(self.retry_in(), 3),
+        }
+
+
+class Circuits:
+    """The breakers of every target, created on first use."""
+
+    def __init__(
+        self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.breakers: dict[str, Breaker] = {}
+
+    def get(self, target: str) -> Breaker:
+        breaker = self.breakers.get(target)
+        if breaker is None:
+            breaker = Breaker(self.threshold, self.cooldown_s, self.clock)
+            self.breakers[target] = breaker
+        return breaker
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {name: b.snapshot() for name, b in sorted(self.breakers.items())}
