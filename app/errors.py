@@ -9,6 +9,7 @@
     ├── PayloadTooLarge               413 request_too_large
     ├── RateLimited                   429 rate_limit_error        (Retry-After)
     ├── Overloaded                    503 overloaded_error        (Retry-After)
+    ├── ClientClosed                  499 the client left before the response started
     └── UpstreamError                 502 upstream_error
         ├── UpstreamStatus            the upstream's own 4xx/5xx, its message kept
         ├── UpstreamAuthFailed        502 the provider refused the gateway's own key
@@ -117,6 +118,13 @@ class Overloaded(GatewayError):
     status = 503
     error_type = "overloaded_error"
     retryable = True
+
+
+class ClientClosed(GatewayError):
+    """The client left before the response started (nginx's 499; never seen by it)."""
+
+    status = 499
+    error_type = "client_closed_request"
 
 
 class UpstreamError(GatewayError):

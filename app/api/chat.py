@@ -13,6 +13,7 @@ from app.api.deps import (
     RequestId,
     State,
     json_body,
+    open_generation,
     require_key,
     require_key_or_token,
     validate,
@@ -25,9 +26,9 @@ from app.wire.sse import sse_response
 router = APIRouter()
 
 
-async def _stream(body: SimpleChatBody, state: State, rid: str) -> Response:
+async def _stream(request: Request, body: SimpleChatBody, state: State, rid: str) -> Response:
     route = state.router.resolve(body.model)
-    gen = await state.router.open(route, body.to_request(rid))
+    gen = await open_generation(request, state.router, route, body.to_request(rid))
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),
@@ -39,7 +40,8 @@ async def _stream(body: SimpleChatBody, state: State, rid: str) -> Response:
 
 @router.post("/chat/stream", dependencies=[Depends(require_key)])
 async def chat_stream_post(request: Request, state: State, rid: RequestId) -> Response:
-    return await _stream(validate(SimpleChatBody, await json_body(request)), state, rid)
+    body = validate(SimpleChatBody, await json_body(request))
+    return await _stream(request, body, state, rid)
 
 
 _NUMBERS = {"max_tokens": int, "temperature": float}
@@ -73,4 +75,4 @@ async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Res
                     param=key,
                     code="invalid_value",
                 ) from None
-    return await _stream(validate(SimpleChatBody, data), state, rid)
+    return await _stream(request, validate(SimpleChatBody, data), state, rid)

@@ -6,6 +6,7 @@ thread, a thread hop per request for nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -15,8 +16,10 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
-from app.errors import AuthenticationFailed, InvalidRequest
-from app.routing import Router
+from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
+from app.providers.base import ChatRequest
+from app.relay import Generation
+from app.routing import Route, Router
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -118,3 +121,35 @@ async def json_body(request: Request) -> Any:
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     return data
+
+
+async def open_generation(
+    request: Request, router: Router, route: Route, chat: ChatRequest
+) -> Generation:
+    """``router.open()``, abandoned as soon as the client goes away.
+
+    Retries and backoff can hold a request for seconds before the response
+    starts, and uvicorn does not cancel a handler whose client left: a watcher
+    on ``receive()`` does, so that no upstream is called for nobody.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    receive = request.receive
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass  # an empty GET body; the next message is the disconnect
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await router.open(route, chat)
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientClosed("the client closed the request") from None
+        raise
+    finally:
+        watcher.cancel()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
-from app.api.deps import RequestId, State, json_body, require_key, validate
+from app.api.deps import RequestId, State, json_body, open_generation, require_key, validate
 from app.api.schemas import ChatCompletionBody
 from app.wire.openai import OpenAIStreamEncoder, collect_completion
 from app.wire.sse import dumps, sse_response
@@ -20,7 +20,7 @@ router = APIRouter(dependencies=[Depends(require_key)])
 async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(ChatCompletionBody, await json_body(request))
     route = state.router.resolve(body.model)
-    gen = await state.router.open(route, body.to_request(rid))
+    gen = await open_generation(request, state.router, route, body.to_request(rid))
     if not body.stream:
         result = await collect_completion(gen.events(), model=gen.model)
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})

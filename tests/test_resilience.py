@@ -1,0 +1,579 @@
+"""Retries, fallbacks, circuit breaking and continuation, against misbehaving fake upstreams.
+
+Each test says what the client received, how many attempts each fake upstream
+saw (and how far apart), which model the gateway reports as having answered,
+and that a healthy request succeeds right after.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import logging
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes import Scenario
+from tests.harness import fake_providers, read_sse
+
+PRIMARY = "openai/gpt-4o-mini"
+FALLBACK = "anthropic/claude-haiku-4-5"
+COMPAT = "compat/Qwen3-8B"
+DOWN = Scenario(fault="status", status=503)
+
+
+def gateway(make_gateway, openai_fake, anthropic_fake, *, alias=None, providers=None, **kw):
+    settings: dict[str, Any] = {
+        "default_model": "chat",
+        "aliases": {"chat": alias or {"targets": [PRIMARY, FALLBACK]}},
+        "first_token_timeout_s": 1.0,
+        "idle_timeout_s": 0.5,
+        "total_timeout_s": 6.0,
+        "connect_timeout_s": 1.0,
+        "retry_backoff_s": 0.05,
+        "retry_backoff_max_s": 0.2,
+        "retry_after_max_s": 2.0,
+        "circuit_failure_threshold": 50,
+        "circuit_cooldown_s": 30.0,
+    }
+    settings.update(kw)
+    merged = fake_providers(openai_fake, anthropic_fake)
+    for name, extra in (providers or {}).items():
+        merged[name] = {**merged[name], **extra}
+    return make_gateway(providers=merged, **settings)
+
+
+@pytest.fixture
+def gw(make_gateway, openai_fake, anthropic_fake):
+    return gateway(make_gateway, openai_fake, anthropic_fake)
+
+
+def chat(gw, model="chat", **body):
+    """(response, events) of a simple-protocol stream."""
+    with httpx.stream(
+        "POST", gw.url + "/chat/stream", json={"prompt": "hi", "model": model, **body}, timeout=15
+    ) as r:
+        if r.status_code != 200:
+            r.read()
+            return r, []
+        return r, read_sse(r)
+
+
+def outcome(events):
+    """(text, error or None, end) of a stream whose shape is checked on the way."""
+    assert events[-1].data == "[DONE]"
+    names = [e.event for e in events]
+    assert names.count("end") == 1 and names.count("start") == 1
+    assert names[0] == "start" and names[-2] == "end"
+    error = events[-3].json()["error"] if events[-3].event == "error" else None
+    text = "".join(
+        e.json()["content"] for e in events if e.event == "message" and e.data != "[DONE]"
+    )
+    return text, error, events[-2].json()
+
+
+def gens(fake):
+    return [a for a in fake.attempts if a.method == "POST"]
+
+
+def gaps(fake):
+    times = [a.started for a in gens(fake)]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def healthy_after(gw, fake, model=PRIMARY):
+    fake.clear_queue()
+    r, events = chat(gw, model)
+    assert r.status_code == 200
+    _text, error, end = outcome(events)
+    assert error is None and end["finish_reason"] == "stop"
+
+
+# -- retries on the same target ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Scenario(fault="status", status=408),
+        Scenario(fault="status", status=409),
+        Scenario(fault="status", status=429),
+        Scenario(fault="status", status=500),
+        Scenario(fault="status", status=502),
+        Scenario(fault="status", status=503),
+        Scenario(fault="status", status=504),
+        Scenario(fault="reset"),
+        Scenario(fault="cut", fault_after=0),
+        Scenario(fault="error_event", fault_after=0, error_type="server_error"),
+    ],
+    ids=["408", "409", "429", "500", "502", "503", "504", "reset", "cut-early", "error-early"],
+)
+def test_retryable_failure_is_retried_on_the_same_target(gw, openai_fake, anthropic_fake, fault):
+    openai_fake.enqueue(fault, fault)
+    r, events = chat(gw)
+    assert r.status_code == 200
+    text, error, end = outcome(events)
+    assert (text, error, end["finish_reason"]) == ("Hello world", None, "stop")
+    assert end["model"] == PRIMARY and end["provider"] == "openai"
+    assert [a["outcome"] for a in end["attempts"]] == ["error", "error", "ok"]
+    assert len(gens(openai_fake)) == 3 and gens(anthropic_fake) == []
+    # Full jitter: each wait is at most base * 2**retry (0.05, then 0.1 s), plus overheads.
+    assert all(g < 0.6 for g in gaps(openai_fake))
+    healthy_after(gw, openai_fake)
+
+
+def test_retries_are_bounded_then_the_fallback_answers(gw, openai_fake, anthropic_fake):
+    openai_fake.default = DOWN
+    _r, events = chat(gw)
+    text, error, end = outcome(events)
+    assert error is None and text == "Hello world"
+    assert end["model"] == FALLBACK and end["provider"] == "anthropic"
+    assert [(a["target"], a["outcome"], a.get("status")) for a in end["attempts"]] == [
+        (PRIMARY, "error", 503),
+        (PRIMARY, "error", 503),
+        (PRIMARY, "error", 503),
+        (FALLBACK, "ok", None),
+    ]
+    assert len(gens(openai_fake)) == 3  # 1 + GATEWAY_MAX_RETRIES
+    assert len(gens(anthropic_fake)) == 1
+    # Usage is the answering attempt's alone.
+    assert end["usage"] == {"input_tokens": 11, "output_tokens": 2}
+
+
+def test_retry_after_seconds_is_honoured(gw, openai_fake):
+    openai_fake.enqueue(Scenario(fault="status", status=429, retry_after="1"))
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == PRIMARY
+    (gap,) = gaps(openai_fake)
+    assert 0.95 <= gap < 1.8
+
+
+def test_retry_after_http_date_is_honoured(gw, openai_fake):
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)
+    openai_fake.enqueue(Scenario(fault="status", status=503, retry_after=when))
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == PRIMARY
+    (gap,) = gaps(openai_fake)
+    assert 0.9 <= gap < 2.8  # the date has one-second resolution
+
+
+def test_retry_after_beyond_the_cap_moves_on_at_once(gw, openai_fake, anthropic_fake):
+    openai_fake.enqueue(Scenario(fault="status", status=429, retry_after="3600"))
+    started = time.monotonic()
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == FALLBACK
+    assert time.monotonic() - started < 1.5
+    assert len(gens(openai_fake)) == 1
+
+
+def test_every_target_rate_limited_returns_429_with_retry_after(gw, openai_fake, anthropic_fake):
+    openai_fake.default = Scenario(fault="status", status=429, retry_after="3600")
+    anthropic_fake.default = Scenario(fault="status", status=429, retry_after="3600")
+    r, _ = chat(gw)
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "3600"
+    assert len(gens(openai_fake)) == 1 and len(gens(anthropic_fake)) == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Scenario(fault="status", status=400, error_message="temperature: must be <= 2"),
+        Scenario(fault="status", status=422),
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="context_length_exceeded",
+            error_message="This model's maximum context length is 8192 tokens.",
+        ),
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="content_policy_violation",
+            error_message="Your request was rejected as a result of our safety system.",
+        ),
+    ],
+    ids=["400", "422", "context-length", "content-policy"],
+)
+def test_client_errors_are_not_retried_nor_failed_over(gw, openai_fake, anthropic_fake, fault):
+    openai_fake.enqueue(fault)
+    r, _ = chat(gw)
+    assert r.status_code == fault.status
+    # The upstream's reason reaches the client.
+    assert r.json()["error"]["message"] == (fault.error_message or "Unprocessable entity.")
+    assert len(gens(openai_fake)) == 1 and gens(anthropic_fake) == []
+    healthy_after(gw, openai_fake)
+
+
+# -- fallbacks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "silence",
+    [Scenario(fault="never_answer"), Scenario(first_token_delay=5)],
+    ids=["no-headers", "headers-then-nothing"],
+)
+def test_a_silent_upstream_is_not_retried_it_moves_on(gw, openai_fake, anthropic_fake, silence):
+    openai_fake.enqueue(silence)
+    started = time.monotonic()
+    r, events = chat(gw)
+    assert r.status_code == 200
+    text, error, end = outcome(events)
+    assert error is None and text == "Hello world" and end["model"] == FALLBACK
+    assert [a["outcome"] for a in end["attempts"]] == ["timeout", "ok"]
+    assert len(gens(openai_fake)) == 1
+    assert 0.9 < time.monotonic() - started < 3  # one first-token timeout, then the fallback
+    openai_fake.wait_closed(0, timeout=2)
+    healthy_after(gw, openai_fake)
+
+
+def test_the_gateways_own_key_refused_moves_on(gw, openai_fake, anthropic_fake):
+    openai_fake.enqueue(Scenario(fault="status", status=401))
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == FALLBACK
+    assert len(gens(openai_fake)) == 1
+    assert end["attempts"][0]["code"] == "upstream_auth_failed"
+
+
+def context_alias(**extra):
+    return {"targets": [PRIMARY, COMPAT], "context_window_fallbacks": [FALLBACK], **extra}
+
+
+@pytest.mark.parametrize(
+    "rejection",
+    [
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="context_length_exceeded",
+            error_message="This model's maximum context length is 8192 tokens.",
+        ),
+        # vLLM says it only in the message.
+        Scenario(
+            fault="status",
+            status=400,
+            error_type="BadRequestError",
+            error_message="This model's maximum context length is 4096 tokens. However, you "
+            "requested 5000 tokens.",
+        ),
+    ],
+    ids=["openai", "vllm"],
+)
+def test_context_length_goes_to_the_context_window_fallbacks(
+    make_gateway, openai_fake, anthropic_fake, rejection
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=context_alias())
+    openai_fake.enqueue(rejection)
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == FALLBACK
+    assert end["attempts"][0]["code"] == "context_length_exceeded"
+    # The next regular target (compat, same context size) was not tried.
+    assert [a.model for a in gens(openai_fake)] == ["gpt-4o-mini"]
+
+
+def test_a_400_that_explains_beats_a_later_503(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=context_alias(), max_retries=0)
+    openai_fake.enqueue(
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="context_length_exceeded",
+            error_message="This model's maximum context length is 8192 tokens.",
+        )
+    )
+    anthropic_fake.enqueue(DOWN)
+    r, _ = chat(gw)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert "8192" in r.json()["error"]["message"]
+
+
+def test_content_policy_fails_over_only_when_the_alias_says_so(
+    make_gateway, openai_fake, anthropic_fake
+):
+    refusal = Scenario(
+        fault="status",
+        status=400,
+        error_code="content_policy_violation",
+        error_message="Your request was rejected as a result of our safety system.",
+    )
+    alias = {"targets": [PRIMARY, COMPAT], "content_policy_fallbacks": [FALLBACK]}
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=alias)
+    openai_fake.enqueue(refusal)
+    _r, events = chat(gw)
+    _text, error, end = outcome(events)
+    assert error is None and end["model"] == FALLBACK
+    assert end["attempts"][0]["code"] == "content_policy_violation"
+    assert len(gens(openai_fake)) == 1
+
+
+def test_openai_wire_names_the_fallback_and_its_usage(gw, openai_fake, anthropic_fake):
+    openai_fake.default = DOWN
+    anthropic_fake.default = Scenario(chunks=["From ", "Claude"], input_tokens=21)
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="chat",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        whole = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert {c.model for c in chunks} == {FALLBACK}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "From Claude"
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (21, 2)
+    assert whole.model == FALLBACK and whole.choices[0].message.content == "From Claude"
+
+
+def test_a_cut_before_any_content_fails_over_unseen(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, max_retries=0)
+    openai_fake.enqueue(Scenario(fault="cut", fault_after=0))
+    _r, events = chat(gw)
+    text, error, end = outcome(events)
+    assert error is None and text == "Hello world"
+    # start is sent with the first content, so it names the model that answered.
+    assert events[0].json()["model"] == FALLBACK == end["model"]
+    assert [a["outcome"] for a in end["attempts"]] == ["error", "ok"]
+
+
+# -- circuit breaker -------------------------------------------------------------------------
+
+
+def circuits(gw):
+    return httpx.get(gw.url + "/readyz").json()["circuits"]
+
+
+def test_outage_then_recovery(make_gateway, openai_fake, anthropic_fake):
+    """The primary is down for a while: the fallback serves, then the primary takes over again."""
+    gw = gateway(
+        make_gateway,
+        openai_fake,
+        anthropic_fake,
+        max_retries=0,
+        circuit_failure_threshold=2,
+        circuit_cooldown_s=0.8,
+    )
+    openai_fake.default = DOWN
+    served = []
+    for _ in range(5):
+        _r, events = chat(gw)
+        _text, error, end = outcome(events)
+        assert error is None
+        served.append(end["model"])
+    assert served == [FALLBACK] * 5
+    # Two failures opened the circuit: the other three skipped the primary.
+    assert len(gens(openai_fake)) == 2
+    assert end["attempts"][0] == {
+        "target": PRIMARY,
+        "outcome": "skipped",
+        "duration_ms": 0,
+        "code": "circuit_open",
+    }
+    assert circuits(gw)[PRIMARY]["state"] == "open"
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert f'gateway_circuit_state{{state="open",target="{PRIMARY}"}} 1.0' in metrics
+    assert f'gateway_upstream_fallbacks_total{{from_target="{PRIMARY}"' in metrics
+
+    openai_fake.default = Scenario()  # the primary recovers
+    time.sleep(0.9)  # the cool-down: the next request is the probe
+    _r, events = chat(gw)
+    assert outcome(events)[2]["model"] == PRIMARY
+    assert circuits(gw)[PRIMARY]["state"] == "closed"
+    for _ in range(3):
+        _r, events = chat(gw)
+        assert outcome(events)[2]["model"] == PRIMARY
+    assert len(gens(anthropic_fake)) == 5
+
+
+def test_a_failed_probe_opens_the_circuit_again(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(
+        make_gateway,
+        openai_fake,
+        anthropic_fake,
+        max_retries=0,
+        circuit_failure_threshold=1,
+        circuit_cooldown_s=0.5,
+    )
+    openai_fake.default = DOWN
+    chat(gw)
+    assert circuits(gw)[PRIMARY]["state"] == "open"
+    time.sleep(0.6)
+    _r, events = chat(gw)  # the probe fails: open again, the fallback answers
+    assert outcome(events)[2]["model"] == FALLBACK
+    assert circuits(gw)[PRIMARY]["state"] == "open"
+    assert len(gens(openai_fake)) == 2
+
+
+def test_every_circuit_open_fails_fast_with_503(make_gateway, openai_fake):
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model=PRIMARY,
+        max_retries=0,
+        circuit_failure_threshold=1,
+        circuit_cooldown_s=30,
+    )
+    openai_fake.default = DOWN
+    assert chat(gw, PRIMARY)[0].status_code == 503
+    r, _ = chat(gw, PRIMARY)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
+    assert 1 <= int(r.headers["retry-after"]) <= 30
+    assert len(gens(openai_fake)) == 1
+
+
+# -- mid-stream faults -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "etype", "reason"),
+    [
+        ("cut", "upstream_truncated", "error"),
+        ("stall", "timeout", "timeout"),
+        ("malformed", "upstream_truncated", "error"),
+    ],
+)
+def test_mid_stream_fault_after_content_ends_honestly(
+    gw, openai_fake, anthropic_fake, caplog, fault, etype, reason
+):
+    openai_fake.enqueue(Scenario(chunks=["a", "b", "c"], fault=fault, fault_after=2))
+    with caplog.at_level(logging.WARNING, logger="app.relay"):
+        r, events = chat(gw)
+    text, error, end = outcome(events)
+    assert error["type"] == etype and end["finish_reason"] == reason
+    assert text in ("a", "ab") if fault == "cut" else text == "ab"
+    # Content was sent: no failover without continuation; the upstream is released
+    # (closed; after a malformed chunk the fake still ends its body, and the
+    # connection may go back to the pool instead).
+    assert gens(anthropic_fake) == [] and end["model"] == PRIMARY
+    if fault != "malformed":
+        openai_fake.wait_closed(0, timeout=2)
+    # Logged with the request id, for the operator.
+    rid = r.headers["x-request-id"]
+    assert any(
+        rid in rec.getMessage() and error["code"] in rec.getMessage() for rec in caplog.records
+    )
+    healthy_after(gw, openai_fake)
+
+
+# -- continuation ----------------------------------------------------------------------------
+
+CONTINUE = {"targets": [PRIMARY, FALLBACK], "continue_on_failure": True}
+ACCEPTS = {"anthropic": {"accepts_continuation": True}}
+BROKEN = ["The quick ", "brown ", "fox"]
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall", "malformed"])
+def test_continuation_finishes_the_answer(make_gateway, openai_fake, anthropic_fake, fault):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault=fault, fault_after=2))
+    anthropic_fake.enqueue(Scenario(chunks=[" fox", " jumps."], input_tokens=40))
+    _r, events = chat(gw, max_tokens=50)
+    text, error, end = outcome(events)
+    assert error is None and end["finish_reason"] == "stop"
+    # (A cut may also lose "brown ", which aiohttp had buffered but not handed
+    # over; the continuation then starts from what the client did receive.)
+    assert text == "The quick brown fox jumps." or (
+        fault == "cut" and text == "The quick fox jumps."
+    )
+    assert end["model"] == FALLBACK
+    assert [(a["target"], a["outcome"]) for a in end["attempts"]] == [
+        (PRIMARY, "timeout" if fault == "stall" else "error"),
+        (FALLBACK, "ok"),
+    ]
+    (cont,) = gens(anthropic_fake)
+    last = cont.body["messages"][-1]
+    # What the client received, as a trailing assistant message without the
+    # trailing whitespace Anthropic rejects; the repeated space is not relayed twice.
+    assert last["role"] == "assistant"
+    assert last["content"] == [{"type": "text", "text": text.removesuffix(" fox jumps.")}]
+    assert cont.body["max_tokens"] < 50
+    assert end["usage"]["output_tokens"] >= 3
+    if fault != "malformed":  # (after which the fake ends its body: pooled, not closed)
+        openai_fake.wait_closed(0, timeout=2)
+
+
+def test_continuation_on_an_openai_compatible_server(make_gateway, openai_fake, anthropic_fake):
+    alias = {"targets": [PRIMARY, COMPAT], "continue_on_failure": True}
+    gw = gateway(
+        make_gateway,
+        openai_fake,
+        anthropic_fake,
+        alias=alias,
+        providers={"compat": {"accepts_continuation": True}},
+    )
+    openai_fake.enqueue(
+        Scenario(chunks=BROKEN, fault="malformed", fault_after=2), Scenario(chunks=["fox."])
+    )
+    _r, events = chat(gw)
+    text, error, end = outcome(events)
+    assert error is None and text == "The quick brown fox." and end["model"] == COMPAT
+    cont = gens(openai_fake)[1]
+    assert cont.model == "Qwen3-8B"
+    assert cont.body["continue_final_message"] is True
+    assert cont.body["add_generation_prompt"] is False
+    assert cont.body["messages"][-1] == {"role": "assistant", "content": "The quick brown"}
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        Scenario(fault="status", status=400, error_message="no prefill here"),
+        Scenario(chunks=["fox", " jumps", " over"], fault="cut", fault_after=1),
+    ],
+    ids=["rejected", "also-broken"],
+)
+def test_a_failed_continuation_reports_the_original_failure(
+    make_gateway, openai_fake, anthropic_fake, second
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault="stall", fault_after=2))
+    anthropic_fake.enqueue(second)
+    _r, events = chat(gw)
+    text, error, end = outcome(events)
+    assert error["type"] == "timeout" and end["finish_reason"] == "timeout"
+    assert "no prefill" not in str(error) and text.startswith("The quick brown ")
+    assert len(gens(anthropic_fake)) == 1
+
+
+@pytest.mark.parametrize(
+    ("alias", "providers"),
+    [(CONTINUE, None), ({"targets": [PRIMARY, FALLBACK]}, ACCEPTS)],
+    ids=["target-does-not-accept", "alias-did-not-ask"],
+)
+def test_no_continuation_unless_both_sides_agree(
+    make_gateway, openai_fake, anthropic_fake, alias, providers
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=alias, providers=providers)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault="malformed", fault_after=2))
+    _r, events = chat(gw)
+    text, error, _end = outcome(events)
+    assert error["type"] == "upstream_truncated" and text == "The quick brown "
+    assert gens(anthropic_fake) == []
+
+
+def test_a_client_that_leaves_during_the_retry_wait_stops_the_retries(
+    gw, openai_fake, anthropic_fake
+):
+    openai_fake.default = Scenario(fault="status", status=429, retry_after="1")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.url + "/chat/stream",
+            json={"prompt": "hi", "model": "chat"},
+            timeout=httpx.Timeout(5, read=0.3),
+        )
+    time.sleep(1.5)  # past the Retry-After: a retry would have been sent by now
+    assert len(gens(openai_fake)) == 1 and gens(anthropic_fake) == []
+    healthy_after(gw, anthropic_fake, FALLBACK)
