@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -104,6 +103,21 @@ def most_meaningful(errors: list[GatewayError]) -> GatewayError:
 
 
 class Failover:
+    __slots__ = (
+        "_current",
+        "_queue",
+        "_rerouted",
+        "_retries",
+        "errors",
+        "loop",
+        "records",
+        "request",
+        "route",
+        "router",
+        "settings",
+        "start",
+    )
+
     def __init__(self, router: Router, route: Route, request: ChatRequest) -> None:
         self.router = router
         self.route = route
@@ -113,10 +127,10 @@ class Failover:
         self.start = self.loop.time()
         self.records: list[AttemptRecord] = []
         self.errors: list[GatewayError] = []
-        self._queue: deque[Target] = deque(route.targets)
+        self._queue: list[Target] = list(route.targets)  # short: pop(0) is fine
         self._current: Target | None = None
         self._retries = 0
-        self._rerouted: set[str] = set()
+        self._rerouted: tuple[str, ...] = ()
 
     # -- the attempts ------------------------------------------------------
 
@@ -186,8 +200,8 @@ class Failover:
         if not fallbacks or failure.reason in self._rerouted:
             raise most_meaningful(self.errors)
         assert failure.reason is not None
-        self._rerouted.add(failure.reason)
-        self._queue = deque(fallbacks)
+        self._rerouted += (failure.reason,)
+        self._queue = list(fallbacks)
 
     @staticmethod
     def _config_fault(failure: GatewayError) -> bool:
@@ -199,7 +213,7 @@ class Failover:
     def _next_target(self) -> Target:
         circuits = self.router.circuits
         while self._queue:
-            target = self._queue.popleft()
+            target = self._queue.pop(0)
             if circuits.get(target.name).allow():
                 if self._current is not None:
                     self.router.metrics.fallbacks.labels(self._current.name, target.name).inc()
@@ -224,7 +238,10 @@ class Failover:
         self.records.append(record)
         router.metrics.attempts.labels(target.name).inc()
         started = self.loop.time()
-        stream = router.providers[target.provider].stream(replace(request, model=target.model))
+        # The provider reads the request when the stream starts (below), so one
+        # request object serves every attempt in turn.
+        request.model = target.model
+        stream = router.providers[target.provider].stream(request)
         total_at = self.start + limits.total_s
         first_at = started + limits.first_token_s
         try:
@@ -275,7 +292,7 @@ class Failover:
         request = replace(self.request, messages=messages, max_tokens=max_tokens, continuation=True)
         router = self.router
         while self._queue:
-            target = self._queue.popleft()
+            target = self._queue.pop(0)
             if not router.configs[target.provider].accepts_continuation:
                 continue
             if not router.circuits.get(target.name).allow():

@@ -114,6 +114,27 @@ class Watchdog:
 class Generation:
     """See the module docstring. ``model``/``provider`` name the answering target."""
 
+    __slots__ = (
+        "_carry_input",
+        "_carry_output",
+        "_first",
+        "_fo",
+        "_it",
+        "_opened",
+        "_original",
+        "_partial",
+        "_start",
+        "_tools_sent",
+        "_trim",
+        "_wd",
+        "finish",
+        "first_token_at",
+        "input_tokens",
+        "model",
+        "output_tokens",
+        "provider",
+    )
+
     def __init__(self, failover: Failover) -> None:
         self._fo = failover
         self._opened: Opened | None = None

@@ -10,7 +10,7 @@ circuit breaker in ``app.circuit``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from app.circuit import Circuits
 from app.config import ProviderConfig, Settings, SettingsError
@@ -33,10 +33,12 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """What a model name resolves to; shared by every request that names it."""
+
     name: str
-    targets: list[Target]
-    context_window_fallbacks: list[Target] = field(default_factory=list)
-    content_policy_fallbacks: list[Target] = field(default_factory=list)
+    targets: tuple[Target, ...]
+    context_window_fallbacks: tuple[Target, ...] = ()
+    content_policy_fallbacks: tuple[Target, ...] = ()
     continue_on_failure: bool = False
 
 
@@ -54,6 +56,7 @@ class Router:
         self.default_model = settings.default_model or self._implicit_default()
         self.circuits = Circuits(settings.circuit_failure_threshold, settings.circuit_cooldown_s)
         self.metrics = Metrics(self.circuits)
+        self._routes: dict[str, Route] = {}
         self._check_config()
 
     def limits(self, target: Target) -> Limits:
@@ -132,16 +135,25 @@ class Router:
                 param="model",
                 code="missing_model",
             )
+        route = self._routes.get(name)
+        if route is not None:
+            return route
         alias = self.settings.aliases.get(name)
         if alias is None:
-            return Route(name, [self._parse(name)])
-        return Route(
-            name,
-            [self._parse(t) for t in alias.targets],
-            [self._parse(t) for t in alias.context_window_fallbacks],
-            [self._parse(t) for t in alias.content_policy_fallbacks],
-            alias.continue_on_failure,
-        )
+            route = Route(name, (self._parse(name),))
+        else:
+            route = Route(
+                name,
+                tuple(self._parse(t) for t in alias.targets),
+                tuple(self._parse(t) for t in alias.context_window_fallbacks),
+                tuple(self._parse(t) for t in alias.content_policy_fallbacks),
+                alias.continue_on_failure,
+            )
+        # Only configured names are kept: a provider open to any model id must
+        # not let clients grow this without bound.
+        if alias is not None or self.configs[route.targets[0].provider].models:
+            self._routes[name] = route
+        return route
 
     async def open(self, route: Route, request: ChatRequest) -> Generation:
         """A generation on the first target that accepts it (retries and fallbacks included)."""
