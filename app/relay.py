@@ -307,7 +307,7 @@ class Generation:
                             # Everything the client needs is known: end now, then
                             # let the upstream body finish (or not) without the client.
                             fo.settle(self._opened, None)  # type: ignore[arg-type]
-                            yield [self.end(self.finish)]
+                            yield self._held([self.end(self.finish)])
                             await self._drain(it)
                             return
                 except asyncio.CancelledError:
@@ -347,17 +347,16 @@ class Generation:
         if failure is not None:
             if self._original is not None:
                 failure = self._original  # a failed continuation reports the first failure
-            if self._start is not None:
-                yield [self._start]
-                self._start = None
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
-            yield [Error(failure), self.end(reason)]
+            yield self._held([Error(failure), self.end(reason)])
         else:
             assert self.finish is not None
-            if self._start is not None:
-                yield [self._start]
-                self._start = None
-            yield [self.end(self.finish)]
+            yield self._held([self.end(self.finish)])
+
+    def _held(self, batch: list[ChatEvent]) -> list[ChatEvent]:
+        """An ending batch, behind the Start if none was sent (no content came)."""
+        start, self._start = self._start, None
+        return batch if start is None else [start, *batch]
 
     async def _next(self, failure: GatewayError) -> tuple[Opened | None, GatewayError]:
         """The attempt that takes over after ``failure``, or None and the error to report."""

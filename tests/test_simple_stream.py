@@ -92,6 +92,16 @@ def test_messages_and_tool_call_events_from_anthropic(gw, anthropic_fake):
     assert end["finish_reason"] == "tool_calls" and end["provider"] == "anthropic"
 
 
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-haiku-4-5"])
+def test_an_empty_answer_still_starts_and_ends(gw, openai_fake, anthropic_fake, model):
+    empty = Scenario(chunks=[], output_tokens=0)
+    openai_fake.default = anthropic_fake.default = empty
+    events = read_sse(httpx.post(gw.url + "/chat/stream", json={"prompt": "hi", "model": model}))
+    assert [e.event for e in events] == ["start", "end", "message"]
+    assert events[0].json()["model"] == model and events[-1].data == "[DONE]"
+    assert events[1].json()["finish_reason"] == "stop"
+
+
 def test_reconnect_with_last_event_id_never_starts_a_second_generation(gw, openai_fake):
     r = httpx.get(
         gw.url + "/chat/stream", params={"prompt": "hi"}, headers={"Last-Event-ID": "gen_0123:4"}
