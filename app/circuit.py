@@ -11,7 +11,9 @@ cool-down one request is let through as a probe; the others keep skipping
 until it has an outcome. A failure is what routing would retry or move on
 from (connect errors, 408/409/429/5xx, timeouts, broken streams); a request
 the upstream rightly refused (a 400) is neither, and neither is a client that
-went away. Success is recorded when the upstream delivers the first content.
+went away, and neither is a request's own total timeout. Success is a stream
+that ended with its finish reason, so a target that breaks every stream after
+its first tokens does open.
 
 State lives in the process; every instance learns on its own (the breakers
 guard each instance's own calls, so that is enough).
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 State = Literal["closed", "open", "half_open"]
+Admission = Literal["no", "yes", "probe"]
 
 
 @dataclass(slots=True)
@@ -38,19 +41,19 @@ class Breaker:
     probing: bool = False
     opened_count: int = field(default=0)
 
-    def allow(self) -> bool:
-        """May a request go to this target now? (Takes the probe slot when half-open.)"""
+    def admit(self) -> Admission:
+        """May a request go to this target now? ``probe``: it took the half-open probe slot."""
         if self.state == "closed":
-            return True
+            return "yes"
         if self.state == "open":
             if self.clock() - self.opened_at < self.cooldown_s:
-                return False
+                return "no"
             self.state = "half_open"
             self.probing = False
         if self.probing:
-            return False
+            return "no"
         self.probing = True
-        return True
+        return "probe"
 
     def success(self) -> None:
         self.state = "closed"
@@ -66,9 +69,10 @@ class Breaker:
             self.opened_at = self.clock()
             self.probing = False
 
-    def release(self) -> None:
-        """The probe ended without an outcome (the client left): let another probe."""
-        self.probing = False
+    def release(self, probe: bool) -> None:
+        """An attempt ended without a verdict (the client left, a 400): free the probe slot."""
+        if probe:
+            self.probing = False
 
     def retry_in(self) -> float:
         if self.state != "open":

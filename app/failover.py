@@ -75,6 +75,7 @@ class Opened:
     limits: Limits
     record: AttemptRecord
     breaker: Breaker
+    probe: bool  # it holds its half-open circuit's one probe slot
     settled: bool = False
 
 
@@ -85,8 +86,20 @@ def backoff(retry: int, base: float, cap: float, rng: random.Random | None = Non
 
 
 def counts_against(exc: GatewayError) -> bool:
-    """Does this failure say something about the target's health?"""
-    return exc.is_retryable or isinstance(exc, UpstreamAuthFailed | UpstreamTimeout)
+    """Does this failure say something about the target's health?
+
+    A request's total timeout does not: it is the request's budget running out.
+    """
+    if isinstance(exc, UpstreamTimeout):
+        return exc.phase != "total"
+    return exc.is_retryable or isinstance(exc, UpstreamAuthFailed)
+
+
+def _config_fault(exc: GatewayError) -> bool:
+    """The gateway's own configuration failed (bad key, unknown model): try elsewhere."""
+    if isinstance(exc, UpstreamAuthFailed):
+        return True
+    return isinstance(exc, UpstreamStatus) and exc.upstream_status == 404
 
 
 def _outcome(exc: GatewayError) -> tuple[str, int | None]:
@@ -95,9 +108,18 @@ def _outcome(exc: GatewayError) -> tuple[str, int | None]:
 
 
 def most_meaningful(errors: list[GatewayError]) -> GatewayError:
-    """A client error explains more than a later outage; otherwise the last one."""
+    """What the client is told when every attempt failed.
+
+    A client error that explains the problem (a 400) beats any outage; then a
+    rate limit that says when to come back; otherwise the last failure. A 404
+    from a provider is the gateway's configuration, not the client's request.
+    """
     for exc in errors:
-        if 400 <= exc.http_status < 500 and exc.http_status not in (408, 409, 429):
+        status = exc.http_status
+        if 400 <= status < 500 and status not in (408, 409, 429) and not _config_fault(exc):
+            return exc
+    for exc in errors:
+        if exc.http_status == 429 and exc.retry_after is not None:
             return exc
     return errors[-1]
 
@@ -143,15 +165,16 @@ class Failover:
 
     async def _run(self, failure: GatewayError | None) -> Opened:
         while True:
-            target, delay = self._choose(failure)
+            target, delay, probe = self._choose(failure)
             if delay > 0:
                 await asyncio.sleep(delay)
             try:
-                return await self._open(target, self.request)
+                return await self._open(target, self.request, probe)
             except GatewayError as exc:
                 failure = exc
 
-    def _choose(self, failure: GatewayError | None) -> tuple[Target, float]:
+    def _choose(self, failure: GatewayError | None) -> tuple[Target, float, bool]:
+        """(target, seconds to wait first, whether it is its circuit's probe)."""
         if failure is not None:
             self.errors.append(failure)
             current = self._current
@@ -162,13 +185,13 @@ class Failover:
                 delay = self._retry_delay(failure, current)
                 if delay is not None:
                     self._retries += 1
-                    self.router.metrics.retries.labels(current.name).inc()
-                    return current, delay
+                    self.router.metrics.retries.labels(self.router.health_key(current)).inc()
+                    return current, delay, False
             elif isinstance(failure, UpstreamStatus) and failure.reason is not None:
                 self._reroute(failure)
-            elif not self._config_fault(failure):
+            elif not _config_fault(failure):
                 raise most_meaningful(self.errors)
-        return self._next_target(), 0.0
+        return self._next_target()
 
     def _retry_delay(self, failure: GatewayError, current: Target) -> float | None:
         """Seconds to wait before retrying the same target, or None to move on."""
@@ -176,8 +199,8 @@ class Failover:
             return None  # a silent upstream is not asked again
         if self._retries >= self.settings.max_retries:
             return None
-        if self.router.circuits.get(current.name).state != "closed":
-            return None  # this failure opened it: do not hammer
+        if self.router.breaker(current).state != "closed":
+            return None  # this failure opened it (or it was the probe): do not hammer
         s = self.settings
         if failure.retry_after is not None:
             if failure.retry_after > s.retry_after_max_s:
@@ -203,50 +226,55 @@ class Failover:
         self._rerouted += (failure.reason,)
         self._queue = list(fallbacks)
 
-    @staticmethod
-    def _config_fault(failure: GatewayError) -> bool:
-        """The gateway's own configuration failed (bad key, unknown model): try elsewhere."""
-        if isinstance(failure, UpstreamAuthFailed):
-            return True
-        return isinstance(failure, UpstreamStatus) and failure.upstream_status == 404
+    def _admit(self, target: Target) -> bool | None:
+        """None: its circuit is open (recorded as skipped); else whether it is the probe."""
+        admission = self.router.breaker(target).admit()
+        if admission == "no":
+            self.records.append(AttemptRecord(target.name, "skipped", code="circuit_open"))
+            return None
+        return admission == "probe"
 
-    def _next_target(self) -> Target:
-        circuits = self.router.circuits
+    def _next_target(self) -> tuple[Target, float, bool]:
+        router = self.router
         while self._queue:
             target = self._queue.pop(0)
-            if circuits.get(target.name).allow():
-                if self._current is not None:
-                    self.router.metrics.fallbacks.labels(self._current.name, target.name).inc()
-                self._current = target
-                self._retries = 0
-                return target
-            self.records.append(AttemptRecord(target.name, "skipped", code="circuit_open"))
+            probe = self._admit(target)
+            if probe is None:
+                continue
+            if self._current is not None:
+                router.metrics.fallbacks.labels(
+                    router.health_key(self._current), router.health_key(target)
+                ).inc()
+            self._current = target
+            self._retries = 0
+            return target, 0.0, probe
         if self.errors:
             raise most_meaningful(self.errors)
-        wait = min(circuits.get(t.name).retry_in() for t in self.route.targets)
+        wait = min(router.breaker(t).retry_in() for t in self.route.targets)
         raise Overloaded(
             "every target of this model is failing (circuit open); retry later",
             code="circuit_open",
             retry_after=max(1.0, wait),
         )
 
-    async def _open(self, target: Target, request: ChatRequest) -> Opened:
+    async def _open(self, target: Target, request: ChatRequest, probe: bool) -> Opened:
         router = self.router
         limits = router.limits(target)
-        breaker = router.circuits.get(target.name)
+        breaker = router.breaker(target)
         record = AttemptRecord(target.name)
         self.records.append(record)
-        router.metrics.attempts.labels(target.name).inc()
+        router.metrics.attempts.labels(router.health_key(target)).inc()
         started = self.loop.time()
         # The provider reads the request when the stream starts (below), so one
         # request object serves every attempt in turn.
         request.model = target.model
         stream = router.providers[target.provider].stream(request)
+        opened = Opened(target, stream, [], started, limits, record, breaker, probe)
         total_at = self.start + limits.total_s
         first_at = started + limits.first_token_s
         try:
             async with asyncio.timeout_at(min(first_at, total_at)):
-                first = await anext(stream)
+                opened.first = await anext(stream)
         except TimeoutError:
             if first_at < total_at:
                 exc: GatewayError = UpstreamTimeout(
@@ -267,12 +295,12 @@ class Failover:
             exc = e
         except BaseException:
             await _aclose(stream)
-            self._settle(record, breaker, started, cancelled=True)
+            self.settle(opened, None, cancelled=True)
             raise
         else:
-            return Opened(target, stream, first, started, limits, record, breaker)
+            return opened
         await _aclose(stream)
-        self._settle(record, breaker, started, exc)
+        self.settle(opened, exc)
         raise exc
 
     async def continuation(self, partial: str, output_so_far: int) -> tuple[Opened, str] | None:
@@ -288,18 +316,18 @@ class Failover:
         messages = [*self.request.messages, {"role": "assistant", "content": stem}]
         max_tokens = self.request.max_tokens
         if max_tokens is not None:
-            max_tokens = max(1, max_tokens - output_so_far)
+            max_tokens -= output_so_far  # > 0: the relay checked
         request = replace(self.request, messages=messages, max_tokens=max_tokens, continuation=True)
         router = self.router
         while self._queue:
             target = self._queue.pop(0)
             if not router.configs[target.provider].accepts_continuation:
                 continue
-            if not router.circuits.get(target.name).allow():
-                self.records.append(AttemptRecord(target.name, "skipped", code="circuit_open"))
+            probe = self._admit(target)
+            if probe is None:
                 continue
             try:
-                opened = await self._open(target, request)
+                opened = await self._open(target, request, probe)
             except GatewayError:
                 continue
             self._current = target
@@ -308,19 +336,16 @@ class Failover:
 
     # -- outcomes ------------------------------------------------------------
 
-    def _settle(
-        self,
-        record: AttemptRecord,
-        breaker: Breaker,
-        started: float,
-        exc: GatewayError | None = None,
-        *,
-        cancelled: bool = False,
-    ) -> None:
-        record.duration_ms = round((self.loop.time() - started) * 1000)
+    def settle(self, opened: Opened, exc: GatewayError | None, *, cancelled: bool = False) -> None:
+        """Record how an attempt ended, once, in the end event and its circuit."""
+        if opened.settled:
+            return
+        opened.settled = True
+        record, breaker = opened.record, opened.breaker
+        record.duration_ms = round((self.loop.time() - opened.started) * 1000)
         if cancelled:
             record.outcome = "cancelled"
-            breaker.release()
+            breaker.release(opened.probe)
         elif exc is None:
             record.outcome = "ok"
             breaker.success()
@@ -330,16 +355,7 @@ class Failover:
             if counts_against(exc):
                 breaker.failure()
             else:
-                breaker.release()
-
-    def succeeded(self, opened: Opened) -> None:
-        """The attempt delivered content: its target is healthy."""
-        opened.breaker.success()
-
-    def settle(self, opened: Opened, exc: GatewayError | None, *, cancelled: bool = False) -> None:
-        if not opened.settled:
-            opened.settled = True
-            self._settle(opened.record, opened.breaker, opened.started, exc, cancelled=cancelled)
+                breaker.release(opened.probe)
 
 
 async def _aclose(stream: AsyncIterator[list[ChatEvent]]) -> None:

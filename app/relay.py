@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Literal
 
 from app.errors import GatewayError, UpstreamTimeout, UpstreamTruncated
@@ -62,6 +62,7 @@ class Watchdog:
         "idle_s",
         "last",
         "limits",
+        "paused",
         "start",
         "task",
         "token",
@@ -71,6 +72,10 @@ class Watchdog:
         self._loop = asyncio.get_running_loop()
         self.start = start
         self.task: asyncio.Task[object] | None = asyncio.current_task()
+        # True while the relay is handed over to its consumer (at a yield): a
+        # deadline then waits, so that it cancels the upstream read, never the
+        # client's send.
+        self.paused = False
         self.arm(limits, attempt_start)
 
     def arm(self, limits: Limits, attempt_start: float) -> None:
@@ -93,19 +98,28 @@ class Watchdog:
 
     def _check(self) -> None:
         deadline, kind = self._deadline()
-        if self._loop.time() < deadline:
+        now = self._loop.time()
+        if now < deadline:
             self._handle = self._loop.call_at(deadline, self._check)
+            return
+        if self.paused:
+            self._handle = self._loop.call_at(now + 0.05, self._check)
             return
         self.expired = kind
         if self.task is not None:
             self.task.cancel()
 
-    def owns_cancellation(self) -> bool:
-        """True when the pending cancellation is ours alone (then it is undone)."""
-        task = self.task
-        if self.expired is None or task is None:
-            return False
-        return task.uncancel() == 0
+    def take_expiry(self) -> Expiry | None:
+        """After a CancelledError: which deadline caused it, if the cancellation was ours alone.
+
+        Our cancel() is undone exactly once; when someone else cancelled the
+        task too, None says: let the cancellation propagate.
+        """
+        kind, task = self.expired, self.task
+        if kind is None or task is None:
+            return None
+        self.expired = None
+        return kind if task.uncancel() == 0 else None
 
     def stop(self) -> None:
         self._handle.cancel()
@@ -122,6 +136,7 @@ class Generation:
         "_it",
         "_opened",
         "_original",
+        "_original_target",
         "_partial",
         "_start",
         "_tools_sent",
@@ -153,6 +168,7 @@ class Generation:
         self._partial: list[str] | None = [] if failover.route.continue_on_failure else None
         self._tools_sent = False
         self._original: GatewayError | None = None
+        self._original_target = ("", "")
         self._trim = ""
         self._carry_output = 0
         self._carry_input: int | None = None
@@ -172,11 +188,11 @@ class Generation:
         self.model = opened.target.name
         self.provider = opened.target.provider
         self.finish = None
-        if self._original is None:  # usage counts only the answering attempt
-            self.input_tokens = self.output_tokens = None
+        # Usage counts only the answering attempt (a continuation's part is
+        # added to what was carried over in end()).
+        self.input_tokens = self.output_tokens = None
 
-    def _timeout_error(self, wd: Watchdog) -> UpstreamTimeout:
-        kind = wd.expired or "total"
+    def _timeout_error(self, kind: Expiry) -> UpstreamTimeout:
         what = {
             "first_token": "no first token within the first-token timeout",
             "idle": "no data within the idle timeout",
@@ -188,19 +204,24 @@ class Generation:
         """Relay content as it is; take Usage/Finish out (End reports them)."""
         wd = self._wd
         assert wd is not None
-        if wd.token:
-            partial = self._partial
-            for ev in batch:
-                cls = ev.__class__
-                if cls is TextDelta:
-                    if partial is not None:
-                        partial.append(ev.text)  # type: ignore[union-attr]
-                elif cls is not ToolCallDelta:
-                    return self._scan_slow(batch)
-                else:
-                    self._tools_sent = True
-            return batch
-        return self._scan_slow(batch)
+        if not wd.token:
+            return self._scan_slow(batch)
+        for ev in batch:
+            cls = ev.__class__
+            if cls is not TextDelta and cls is not ToolCallDelta:
+                return self._scan_slow(batch)
+        if self._partial is not None:
+            self._record(batch)
+        return batch
+
+    def _record(self, batch: list[ChatEvent]) -> None:
+        """Keep the text sent so far (only when the alias allows continuation)."""
+        assert self._partial is not None
+        for ev in batch:
+            if isinstance(ev, TextDelta):
+                self._partial.append(ev.text)
+            else:
+                self._tools_sent = True
 
     def _scan_slow(self, batch: list[ChatEvent]) -> list[ChatEvent]:
         wd = self._wd
@@ -247,7 +268,6 @@ class Generation:
         wd.token = True
         if self.first_token_at is None:
             self.first_token_at = wd.last
-        self._fo.succeeded(self._opened)
 
     def _first_content(self, ev: TextDelta | ToolCallDelta) -> TextDelta | ToolCallDelta | None:
         """An attempt's first content; a continuation's seam is trimmed of repeated whitespace."""
@@ -277,7 +297,7 @@ class Generation:
             attempts=fo.records,
         )
 
-    async def events(self) -> AsyncIterator[list[ChatEvent]]:
+    async def events(self) -> AsyncGenerator[list[ChatEvent], None]:
         opened = self._opened
         assert opened is not None
         fo = self._fo
@@ -293,7 +313,9 @@ class Generation:
                     first, self._first = self._first, []
                     out = self._scan(first)
                     if out:
+                        wd.paused = True
                         yield out
+                        wd.paused = False
                     while True:
                         try:
                             batch = await anext(it)
@@ -302,21 +324,22 @@ class Generation:
                         wd.last = loop.time()
                         out = self._scan(batch)
                         if out:
+                            wd.paused = True
                             yield out
+                            wd.paused = False
                         if self.finish is not None and self.output_tokens is not None:
-                            # Everything the client needs is known: end now, then
-                            # let the upstream body finish (or not) without the client.
-                            fo.settle(self._opened, None)  # type: ignore[arg-type]
-                            yield self._held([self.end(self.finish)])
-                            await self._drain(it)
-                            return
+                            break  # everything the client needs is known: end now
                 except asyncio.CancelledError:
-                    if wd.expired is None or (wd.task is not None and not wd.owns_cancellation()):
+                    kind = wd.take_expiry()
+                    if kind is None:
                         raise
                     if self.finish is None:
-                        failure = self._timeout_error(wd)
+                        failure = self._timeout_error(kind)
                 except GatewayError as exc:
-                    failure = exc
+                    # After the finish reason the answer is whole: a connection
+                    # lost before [DONE] or the usage does not undo it.
+                    if self.finish is None:
+                        failure = exc
                 if failure is None and self.finish is None:
                     failure = UpstreamTruncated(
                         f"provider '{self.provider}' ended the stream without a finish reason",
@@ -325,9 +348,18 @@ class Generation:
                 current = self._opened
                 assert current is not None
                 fo.settle(current, failure)
-                await _close(it)
                 if failure is None:
+                    if self.output_tokens is not None:
+                        # Send the end now; the upstream body may finish (or not)
+                        # without the client waiting for it.
+                        wd.paused = True
+                        yield self._held([self.end(self.finish)])  # type: ignore[arg-type]
+                        wd.paused = False
+                        await self._drain(it)
+                        return
+                    await _close(it)
                     break
+                await _close(it)
                 log.warning(
                     "upstream fault rid=%s target=%s code=%s: %s",
                     self.request_id,
@@ -346,7 +378,9 @@ class Generation:
             await self.aclose()
         if failure is not None:
             if self._original is not None:
-                failure = self._original  # a failed continuation reports the first failure
+                # A failed continuation reports the first failure, and its target.
+                failure = self._original
+                self.model, self.provider = self._original_target
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             yield self._held([Error(failure), self.end(reason)])
         else:
@@ -378,25 +412,31 @@ class Generation:
             or (isinstance(failure, UpstreamTimeout) and failure.phase == "total")
         ):
             return None, failure
-        # Output tokens are rarely reported before a cut; text deltas stand in.
-        so_far = self.output_tokens or len(partial)
+        # Output tokens are rarely reported before a cut (Anthropic's count at
+        # message_start is 1): text deltas stand in.
+        so_far = max(len(partial), self.output_tokens or 0)
+        budget = fo.request.max_tokens
+        if budget is not None and so_far >= budget:
+            return None, failure  # the answer had already used its max_tokens
         found = await fo.continuation("".join(partial), so_far)
         if found is None:
             return None, failure
         opened, self._trim = found
         self._original = failure
+        self._original_target = (self.model, self.provider)
         self._carry_output = so_far
         self._carry_input = self.input_tokens
         return opened, failure
 
     async def _drain(self, it: AsyncIterator[list[ChatEvent]]) -> None:
+        """Read the upstream body to its end (within the finish tail): the connection is reused."""
         wd = self._wd
         assert wd is not None
         try:
             async for _ in it:
                 pass
         except asyncio.CancelledError:
-            if wd.expired is None or not wd.owns_cancellation():
+            if wd.take_expiry() is None:
                 raise
         except GatewayError:
             pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.circuit import Circuits
+from app.circuit import Breaker, Circuits
 from app.config import ProviderConfig, Settings, SettingsError
 from app.errors import InvalidRequest, NotFound
 from app.failover import Failover, Limits
@@ -57,10 +57,34 @@ class Router:
         self.circuits = Circuits(settings.circuit_failure_threshold, settings.circuit_cooldown_s)
         self.metrics = Metrics(self.circuits)
         self._routes: dict[str, Route] = {}
+        self._configured = {
+            t
+            for alias in settings.aliases.values()
+            for t in (
+                *alias.targets,
+                *alias.context_window_fallbacks,
+                *alias.content_policy_fallbacks,
+            )
+        }
+        if self.default_model:
+            self._configured.add(self.default_model)
         self._check_config()
 
     def limits(self, target: Target) -> Limits:
         return self._limits[target.provider]
+
+    def health_key(self, target: Target) -> str:
+        """Whose health a target shares: itself when configured, else its provider's.
+
+        A provider open to any model id would otherwise let clients grow the
+        circuit and metric tables without bound.
+        """
+        if self.configs[target.provider].models or target.name in self._configured:
+            return target.name
+        return f"{target.provider}/*"
+
+    def breaker(self, target: Target) -> Breaker:
+        return self.circuits.get(self.health_key(target))
 
     def _make_limits(self, cfg: ProviderConfig) -> Limits:
         s = self.settings

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
 from app.circuit import Breaker
-from app.failover import backoff
+from app.errors import UpstreamStatus, UpstreamTimeout
+from app.failover import Limits, backoff, counts_against, most_meaningful
 from app.providers.errors import map_status, reject_reason
+from app.relay import Watchdog
 
 
 class Clock:
@@ -33,32 +36,55 @@ def test_breaker_opens_after_n_failures_and_probes_once_after_the_cool_down():
     b = Breaker(threshold=3, cooldown_s=10, clock=clock)
     for _ in range(2):
         b.failure()
-        assert b.allow()
+        assert b.admit() == "yes"
     b.success()  # consecutive failures only
     for _ in range(3):
-        assert b.allow()
+        assert b.admit() == "yes"
         b.failure()
-    assert b.state == "open" and not b.allow()
+    assert b.state == "open" and b.admit() == "no"
     clock.now += 9.9
-    assert not b.allow() and 0 < b.retry_in() <= 0.1
+    assert b.admit() == "no" and 0 < b.retry_in() <= 0.1
     clock.now += 0.2
-    assert b.allow()  # the probe
-    assert b.state == "half_open" and not b.allow()  # one at a time
+    assert b.admit() == "probe"
+    assert b.state == "half_open" and b.admit() == "no"  # one at a time
     b.success()
-    assert b.state == "closed" and b.allow() and b.allow()
+    assert b.state == "closed" and b.admit() == "yes"
 
 
-def test_a_failed_probe_reopens_and_an_abandoned_one_frees_the_slot():
+def test_a_failed_probe_reopens_and_only_the_probe_frees_its_slot():
     clock = Clock()
     b = Breaker(threshold=1, cooldown_s=5, clock=clock)
     b.failure()
     clock.now += 5
-    assert b.allow()
-    b.release()  # the client left: another request may probe
-    assert b.allow()
+    assert b.admit() == "probe"
+    b.release(probe=False)  # an older request without a verdict: the probe still runs
+    assert b.admit() == "no"
+    b.release(probe=True)  # the probe's client left: another request may probe
+    assert b.admit() == "probe"
     b.failure()
-    assert b.state == "open" and not b.allow()
+    assert b.state == "open" and b.admit() == "no"
     assert b.opened_count == 2
+
+
+def test_most_meaningful_error():
+    bad_param = UpstreamStatus("temperature: must be <= 1", upstream_status=400)
+    no_model = UpstreamStatus("The model does not exist.", upstream_status=404)
+    limited = UpstreamStatus("slow down", upstream_status=429, retry_after=3600)
+    down = UpstreamStatus("overloaded", upstream_status=503)
+    assert most_meaningful([down, bad_param, down]) is bad_param
+    # A provider's 404 is the gateway's configuration, not the client's request.
+    assert most_meaningful([no_model, bad_param]) is bad_param
+    assert most_meaningful([no_model, down]) is down
+    # A rate limit that says when to come back beats a later outage.
+    assert most_meaningful([limited, down]) is limited
+    assert most_meaningful([down, UpstreamTimeout("slow", phase="first_token")]).status == 504
+
+
+def test_total_timeouts_do_not_count_against_a_target():
+    assert not counts_against(UpstreamTimeout("budget spent", phase="total"))
+    assert counts_against(UpstreamTimeout("silent", phase="first_token"))
+    assert counts_against(UpstreamStatus("x", upstream_status=503))
+    assert not counts_against(UpstreamStatus("x", upstream_status=400))
 
 
 @pytest.mark.parametrize(
@@ -87,3 +113,23 @@ def test_a_context_rejection_gets_the_uniform_code():
         "anthropic",
     )
     assert exc.code == "context_length_exceeded" and exc.http_status == 400
+
+
+async def test_a_deadline_and_a_client_cancel_together_still_cancel():
+    """The watchdog undoes only its own cancel(), once; someone else's stands."""
+    loop = asyncio.get_running_loop()
+    wd = Watchdog(Limits(first_token_s=0.01, idle_s=1, total_s=5), loop.time(), loop.time())
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(1)  # the first-token deadline cancels us
+    assert wd.take_expiry() == "first_token" and task.cancelling() == 0
+
+    wd.arm(Limits(first_token_s=0.01, idle_s=1, total_s=5), loop.time())
+    loop.call_at(wd._handle.when(), task.cancel)  # the client leaves at the same moment
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(1)
+    assert wd.take_expiry() is None  # not ours alone: let it propagate
+    assert wd.take_expiry() is None and task.cancelling() == 1  # and undone only once
+    task.uncancel()
+    wd.stop()

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.fakes import Scenario
@@ -577,3 +578,159 @@ def test_a_client_that_leaves_during_the_retry_wait_stops_the_retries(
     time.sleep(1.5)  # past the Retry-After: a retry would have been sent by now
     assert len(gens(openai_fake)) == 1 and gens(anthropic_fake) == []
     healthy_after(gw, anthropic_fake, FALLBACK)
+
+
+# -- edges: finished answers, usage, bounded state ---------------------------------------------
+
+
+def sse_chunk(delta=None, finish=None, usage=None):
+    """One raw OpenAI stream event, for scripts the Scenario knobs cannot express."""
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+    }
+    if usage is not None:
+        obj["usage"] = usage
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def usage_chunk(completion_tokens):
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 30, "completion_tokens": completion_tokens},
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+ROLE = sse_chunk({"role": "assistant", "content": ""})
+
+
+@pytest.mark.parametrize("continue_on_failure", [False, True])
+def test_a_cut_after_the_finish_reason_is_still_a_whole_answer(
+    make_gateway, openai_fake, anthropic_fake, continue_on_failure
+):
+    alias = {"targets": [PRIMARY, FALLBACK], "continue_on_failure": continue_on_failure}
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=alias, providers=ACCEPTS)
+    parts = [ROLE, sse_chunk({"content": "Hello"}), sse_chunk({"content": " world"})]
+    parts.append(sse_chunk(finish="stop"))  # then the connection drops: no usage, no [DONE]
+    openai_fake.enqueue(Scenario(raw_parts=parts, fault="cut", fault_after=4, interval=0.05))
+    text, error, end = outcome(chat(gw)[1])
+    assert (text, error, end["finish_reason"]) == ("Hello world", None, "stop")
+    assert gens(anthropic_fake) == []  # nothing to continue
+
+
+def test_text_that_arrives_with_usage_is_recorded_once(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+
+    def usage(n):
+        return {"prompt_tokens": 5, "completion_tokens": n}
+
+    parts = [sse_chunk({"role": "assistant", "content": ""}, usage=usage(0))]
+    parts += [sse_chunk({"content": t}, usage=usage(i + 1)) for i, t in enumerate(BROKEN)]
+    openai_fake.enqueue(Scenario(raw_parts=parts, fault="stall", fault_after=4, interval=0.05))
+    anthropic_fake.enqueue(Scenario(chunks=[" jumps."]))
+    text, error, _end = outcome(chat(gw)[1])
+    assert error is None and text == "The quick brown fox jumps."
+    (cont,) = gens(anthropic_fake)
+    assert cont.body["messages"][-1]["content"] == [{"type": "text", "text": "The quick brown fox"}]
+
+
+def test_usage_after_a_continuation_adds_both_parts(make_gateway, openai_fake, anthropic_fake):
+    alias = {"targets": [FALLBACK, COMPAT], "continue_on_failure": True}
+    gw = gateway(
+        make_gateway,
+        openai_fake,
+        anthropic_fake,
+        alias=alias,
+        providers={"compat": {"accepts_continuation": True}},
+    )
+    anthropic_fake.enqueue(Scenario(chunks=BROKEN, fault="stall", fault_after=2))
+    script = [ROLE, sse_chunk({"content": "fox"}), sse_chunk({"content": " jumps."})]
+    script += [sse_chunk(finish="stop"), usage_chunk(7), b"data: [DONE]\n\n"]
+    openai_fake.enqueue(Scenario(raw_parts=script, interval=0.05))
+    text, error, end = outcome(chat(gw, max_tokens=50)[1])
+    assert error is None and text == "The quick brown fox jumps."
+    # Two text deltas before the stall (Anthropic's message_start count of 1 is
+    # not the answer's length), then the continuation's own 7.
+    assert end["usage"]["output_tokens"] == 2 + 7
+    assert gens(openai_fake)[0].body["max_tokens"] == 48
+
+
+def test_a_failed_continuation_names_the_original_target(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault="stall", fault_after=2))
+    anthropic_fake.enqueue(Scenario(fault="status", status=400))
+    _text, error, end = outcome(chat(gw)[1])
+    assert error["type"] == "timeout" and end["model"] == PRIMARY
+
+
+def test_client_chosen_model_ids_share_one_circuit(make_gateway, openai_fake):
+    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY)
+    for i in range(5):
+        chat(gw, f"openai/made-up-{i}")
+    chat(gw, PRIMARY)
+    assert set(circuits(gw)) == {"openai/*", PRIMARY}
+    assert "made-up" not in httpx.get(gw.url + "/metrics").text
+
+
+def test_streams_that_break_after_content_open_the_circuit(
+    make_gateway, openai_fake, anthropic_fake
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, circuit_failure_threshold=2)
+    openai_fake.default = Scenario(chunks=["a", "b", "c"], fault="stall", fault_after=1)
+    for _ in range(2):
+        chat(gw)
+    assert circuits(gw)[PRIMARY]["state"] == "open"
+    _text, error, end = outcome(chat(gw)[1])
+    assert error is None and end["model"] == FALLBACK
+    assert len(gens(openai_fake)) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_retries_after_the_headers_too(
+    gw, openai_fake, anthropic_fake, stream
+):
+    # A cut before content, then a 429 asking for 2 s: the retry waits inside the stream.
+    openai_fake.enqueue(
+        Scenario(fault="cut", fault_after=0), Scenario(fault="status", status=429, retry_after="2")
+    )
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            json=body,
+            timeout=httpx.Timeout(5, read=0.5),
+        ) as r,
+    ):
+        r.read()
+    time.sleep(2.5)
+    assert len(gens(openai_fake)) == 2 and gens(anthropic_fake) == []
+
+
+def test_a_provider_404_does_not_hide_a_later_400(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, max_retries=0)
+    openai_fake.enqueue(Scenario(fault="status", status=404))
+    anthropic_fake.enqueue(
+        Scenario(fault="status", status=400, error_message="temperature: must be <= 1")
+    )
+    r, _ = chat(gw)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "temperature: must be <= 1"
+
+
+def test_a_long_retry_after_is_reported_over_a_later_outage(
+    make_gateway, openai_fake, anthropic_fake
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, max_retries=0)
+    openai_fake.enqueue(Scenario(fault="status", status=429, retry_after="3600"))
+    anthropic_fake.enqueue(DOWN)
+    r, _ = chat(gw)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3600"

@@ -13,10 +13,10 @@ from app.api.deps import (
     RequestId,
     State,
     json_body,
-    open_generation,
     require_key,
     require_key_or_token,
     validate,
+    while_connected,
 )
 from app.api.schemas import SimpleChatBody
 from app.errors import InvalidRequest, NotFound
@@ -28,7 +28,7 @@ router = APIRouter()
 
 async def _stream(request: Request, body: SimpleChatBody, state: State, rid: str) -> Response:
     route = state.router.resolve(body.model)
-    gen = await open_generation(request, state.router, route, body.to_request(rid))
+    gen = await while_connected(request, state.router.open(route, body.to_request(rid)))
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),

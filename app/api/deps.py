@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -17,11 +18,10 @@ from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
-from app.providers.base import ChatRequest
-from app.relay import Generation
-from app.routing import Route, Router
+from app.routing import Router
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -123,14 +123,13 @@ async def json_body(request: Request) -> Any:
     return data
 
 
-async def open_generation(
-    request: Request, router: Router, route: Route, chat: ChatRequest
-) -> Generation:
-    """``router.open()``, abandoned as soon as the client goes away.
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, abandoned as soon as the client goes away.
 
     Retries and backoff can hold a request for seconds before the response
-    starts, and uvicorn does not cancel a handler whose client left: a watcher
-    on ``receive()`` does, so that no upstream is called for nobody.
+    starts (and a non-streamed answer until its end), and uvicorn does not
+    cancel a handler whose client left: a watcher on ``receive()`` does, so
+    that no upstream is called, or kept generating, for nobody.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -139,14 +138,17 @@ async def open_generation(
 
     async def watch() -> None:
         nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass  # an empty GET body; the next message is the disconnect
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass  # an empty GET body; the next message is the disconnect
+        except Exception:
+            return
         gone = True
         task.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
-        return await router.open(route, chat)
+        return await work
     except asyncio.CancelledError:
         if gone and task.uncancel() == 0:
             raise ClientClosed("the client closed the request") from None

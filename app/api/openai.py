@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
-from app.api.deps import RequestId, State, json_body, open_generation, require_key, validate
+from app.api.deps import RequestId, State, json_body, require_key, validate, while_connected
 from app.api.schemas import ChatCompletionBody
+from app.providers.base import ChatRequest
+from app.routing import Route, Router
 from app.wire.openai import OpenAIStreamEncoder, collect_completion
 from app.wire.sse import dumps, sse_response
 
@@ -19,11 +23,12 @@ router = APIRouter(dependencies=[Depends(require_key)])
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(ChatCompletionBody, await json_body(request))
-    route = state.router.resolve(body.model)
-    gen = await open_generation(request, state.router, route, body.to_request(rid))
+    models = state.router
+    route = models.resolve(body.model)
     if not body.stream:
-        result = await collect_completion(gen.events(), model=gen.model)
+        result = await while_connected(request, complete(models, route, body.to_request(rid)))
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
+    gen = await while_connected(request, models.open(route, body.to_request(rid)))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     encoder = OpenAIStreamEncoder(model=gen.model, include_usage=include_usage)
     return sse_response(
@@ -32,6 +37,16 @@ async def chat_completions(request: Request, state: State, rid: RequestId) -> Re
         ping_interval=state.settings.ping_interval_s,
         background=BackgroundTask(gen.aclose),
     )
+
+
+async def complete(models: Router, route: Route, chat: ChatRequest) -> dict[str, Any]:
+    """A whole non-streamed answer; the upstream is released however this ends."""
+    gen = await models.open(route, chat)
+    try:
+        async with aclosing(gen.events()) as events:
+            return await collect_completion(events, model=gen.model)
+    finally:
+        await gen.aclose()
 
 
 @router.get("/v1/models")
