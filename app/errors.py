@@ -9,6 +9,7 @@
     ├── PayloadTooLarge               413 request_too_large
     ├── RateLimited                   429 rate_limit_error        (Retry-After)
     ├── Overloaded                    503 overloaded_error        (Retry-After)
+    │   └── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
     ├── ClientClosed                  499 the client left before the response started
     └── UpstreamError                 502 upstream_error
         ├── UpstreamStatus            the upstream's own 4xx/5xx, its message kept
@@ -118,6 +119,12 @@ class Overloaded(GatewayError):
     status = 503
     error_type = "overloaded_error"
     retryable = True
+
+
+class ShuttingDown(Overloaded):
+    """The server is draining for a shutdown: no new streams; running ones end after the grace."""
+
+    error_type = "server_shutdown"
 
 
 class ClientClosed(GatewayError):

@@ -25,6 +25,7 @@ from app.errors import GatewayError, InvalidRequest
 from app.middleware import RequestContext
 from app.providers import build_provider
 from app.routing import Router
+from app.shutdown import Drain
 
 log = logging.getLogger("app")
 
@@ -74,16 +75,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             providers[name] = provider
     router = Router(settings, providers, configs)
     keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
-    state = GatewayState(settings=settings, router=router, client_keys=keys)
+    drain = Drain(router, settings.shutdown_grace_s)
+    state = GatewayState(settings=settings, router=router, client_keys=keys, drain=drain)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starting = [
             asyncio.create_task(p.start()) for p in providers.values() if hasattr(p, "start")
         ]
+        drain.install()
         try:
             yield
         finally:
+            drain.uninstall()
             for task in starting:
                 task.cancel()
             await asyncio.gather(*starting, return_exceptions=True)

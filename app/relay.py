@@ -45,12 +45,14 @@ from app.events import (
 from app.failover import Failover, Limits, Opened
 
 log = logging.getLogger("app.relay")
+stream_log = logging.getLogger("app.stream")
 
 # After the finish reason, how long to wait for the usage and the end of the
 # upstream body before ending anyway (an upstream that never sends [DONE]).
 FINISH_TAIL_S = 1.0
 
-Expiry = Literal["first_token", "idle", "total"]
+# "cancelled": the generation was stopped from outside (shutdown).
+Expiry = Literal["first_token", "idle", "total", "cancelled"]
 
 
 class Watchdog:
@@ -60,6 +62,7 @@ class Watchdog:
         "attempt_start",
         "expired",
         "idle_s",
+        "interrupted",
         "last",
         "limits",
         "paused",
@@ -76,6 +79,7 @@ class Watchdog:
         # deadline then waits, so that it cancels the upstream read, never the
         # client's send.
         self.paused = False
+        self.interrupted = False
         self.arm(limits, attempt_start)
 
     def arm(self, limits: Limits, attempt_start: float) -> None:
@@ -99,7 +103,9 @@ class Watchdog:
     def _check(self) -> None:
         deadline, kind = self._deadline()
         now = self._loop.time()
-        if now < deadline:
+        if self.interrupted:
+            kind = "cancelled"
+        elif now < deadline:
             self._handle = self._loop.call_at(deadline, self._check)
             return
         if self.paused:
@@ -108,6 +114,14 @@ class Watchdog:
         self.expired = kind
         if self.task is not None:
             self.task.cancel()
+
+    def interrupt(self) -> None:
+        """Stop the stream from outside at the next safe point (never inside a send)."""
+        if self.task is None:
+            return  # already over
+        self.interrupted = True
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._loop.time(), self._check)
 
     def take_expiry(self) -> Expiry | None:
         """After a CancelledError: which deadline caused it, if the cancellation was ours alone.
@@ -121,8 +135,15 @@ class Watchdog:
         self.expired = None
         return kind if task.uncancel() == 0 else None
 
+    def hold(self) -> None:
+        """Between attempts: no deadlines (failover keeps its own), but an interrupt lands."""
+        self._handle.cancel()
+        if self.interrupted:
+            self._handle = self._loop.call_at(self._loop.time(), self._check)
+
     def stop(self) -> None:
         self._handle.cancel()
+        self.task = None
 
 
 class Generation:
@@ -139,6 +160,7 @@ class Generation:
         "_original_target",
         "_partial",
         "_start",
+        "_stop",
         "_tools_sent",
         "_trim",
         "_wd",
@@ -172,6 +194,7 @@ class Generation:
         self._trim = ""
         self._carry_output = 0
         self._carry_input: int | None = None
+        self._stop: GatewayError | None = None  # set by stop(): ends as cancelled
 
     @property
     def request_id(self) -> str:
@@ -192,7 +215,17 @@ class Generation:
         # added to what was carried over in end()).
         self.input_tokens = self.output_tokens = None
 
-    def _timeout_error(self, kind: Expiry) -> UpstreamTimeout:
+    def stop(self, reason: GatewayError) -> None:
+        """End the stream now with ``reason`` and ``end`` ``cancelled`` (server shutdown)."""
+        if self._stop is None:
+            self._stop = reason
+            if self._wd is not None:
+                self._wd.interrupt()
+
+    def _timeout_error(self, kind: Expiry) -> GatewayError:
+        if kind == "cancelled":
+            assert self._stop is not None
+            return self._stop
         what = {
             "first_token": "no first token within the first-token timeout",
             "idle": "no data within the idle timeout",
@@ -286,7 +319,7 @@ class Generation:
         if self._original is not None:  # a continued answer: both attempts' output
             output = self._carry_output + (output or 0)
         inp = self._carry_input if self._carry_input is not None else self.input_tokens
-        return End(
+        end = End(
             finish_reason=reason,
             input_tokens=inp,
             output_tokens=output,
@@ -296,6 +329,45 @@ class Generation:
             duration_ms=round((fo.loop.time() - fo.start) * 1000),
             attempts=fo.records,
         )
+        self._report(end)
+        return end
+
+    def _report(self, end: End) -> None:
+        """The stream's one summary: metrics and a log line (ids and numbers, never text)."""
+        fo = self._fo
+        router = fo.router
+        opened = self._opened
+        model = router.health_key(opened.target) if opened is not None else end.model
+        endpoint = fo.request.endpoint
+        m = router.metrics
+        m.streams.labels(endpoint, model, end.provider, end.finish_reason).inc()
+        if end.ttft_ms is not None:
+            m.ttft.labels(model).observe(end.ttft_ms / 1000)
+        m.duration.labels(model).observe(end.duration_ms / 1000)
+        if end.input_tokens:
+            m.tokens.labels(model, "input").inc(end.input_tokens)
+        if end.output_tokens:
+            m.tokens.labels(model, "output").inc(end.output_tokens)
+        if stream_log.isEnabledFor(logging.INFO):
+            stream_log.info(
+                "stream %s %s",
+                end.finish_reason,
+                end.model,
+                extra={
+                    "fields": {
+                        "request_id": fo.request.request_id,
+                        "route": endpoint,
+                        "model": end.model,
+                        "provider": end.provider,
+                        "outcome": end.finish_reason,
+                        "ttft_ms": end.ttft_ms,
+                        "duration_ms": end.duration_ms,
+                        "input_tokens": end.input_tokens,
+                        "output_tokens": end.output_tokens,
+                        "attempts": len(end.attempts),
+                    }
+                },
+            )
 
     async def events(self) -> AsyncGenerator[list[ChatEvent], None]:
         opened = self._opened
@@ -303,6 +375,8 @@ class Generation:
         fo = self._fo
         loop = fo.loop
         wd = self._wd = Watchdog(opened.limits, fo.start, opened.started)
+        if self._stop is not None:
+            wd.interrupt()
         failure: GatewayError | None = None
         try:
             while True:  # one round per attempt
@@ -333,7 +407,7 @@ class Generation:
                     kind = wd.take_expiry()
                     if kind is None:
                         raise
-                    if self.finish is None:
+                    if self.finish is None or kind == "cancelled":
                         failure = self._timeout_error(kind)
                 except GatewayError as exc:
                     # After the finish reason the answer is whole: a connection
@@ -367,8 +441,13 @@ class Generation:
                     failure.code,
                     failure.message,
                 )
-                wd.stop()
-                nxt, failure = await self._next(failure)
+                wd.hold()
+                try:
+                    nxt, failure = await self._next(failure)
+                except asyncio.CancelledError:
+                    if wd.take_expiry() != "cancelled":
+                        raise
+                    nxt, failure = None, self._timeout_error("cancelled")
                 if nxt is None:
                     break
                 self._use(nxt)
@@ -377,11 +456,13 @@ class Generation:
             wd.stop()
             await self.aclose()
         if failure is not None:
-            if self._original is not None:
+            if self._original is not None and failure is not self._stop:
                 # A failed continuation reports the first failure, and its target.
                 failure = self._original
                 self.model, self.provider = self._original_target
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
+            if failure is self._stop:
+                reason = "cancelled"
             yield self._held([Error(failure), self.end(reason)])
         else:
             assert self.finish is not None
@@ -442,6 +523,7 @@ class Generation:
             pass
 
     async def aclose(self) -> None:
+        self._fo.router.active.discard(self)
         if self._wd is not None:
             self._wd.stop()
         opened = self._opened

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.circuit import Breaker, Circuits
 from app.config import ProviderConfig, Settings, SettingsError
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, ShuttingDown
 from app.failover import Failover, Limits
 from app.metrics import Metrics
 from app.providers.base import ChatRequest, Provider
@@ -55,8 +55,12 @@ class Router:
         self._limits = {name: self._make_limits(cfg) for name, cfg in configs.items()}
         self.default_model = settings.default_model or self._implicit_default()
         self.circuits = Circuits(settings.circuit_failure_threshold, settings.circuit_cooldown_s)
-        self.metrics = Metrics(self.circuits)
         self._routes: dict[str, Route] = {}
+        # Running generations (for shutdown and the active-streams gauge), and
+        # whether the server is draining (no new ones).
+        self.active: set[Generation] = set()
+        self.draining = False
+        self.metrics = Metrics(self.circuits, self.active.__len__)
         self._configured = {
             t
             for alias in settings.aliases.values()
@@ -181,6 +185,13 @@ class Router:
 
     async def open(self, route: Route, request: ChatRequest) -> Generation:
         """A generation on the first target that accepts it (retries and fallbacks included)."""
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down; retry on another instance",
+                code="shutting_down",
+                retry_after=1,
+            )
         gen = Generation(Failover(self, route, request))
         await gen.open()
+        self.active.add(gen)
         return gen

@@ -9,6 +9,7 @@ each test can give it its own ``Settings``.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,16 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(**base)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, keeping hold of its event loop (``GatewayServer.call``)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+
 class GatewayServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -49,7 +60,7 @@ class GatewayServer:
             access_log=False,
             timeout_graceful_shutdown=2,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0
 
@@ -66,6 +77,20 @@ class GatewayServer:
             time.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
+
+    def call(self, fn: Any) -> None:
+        """Run ``fn()`` on the server's event loop and wait for it."""
+        assert self.server.loop is not None
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.server.loop.call_soon_threadsafe(run)
+        assert done.wait(5)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -119,3 +144,39 @@ def make_gateway() -> Iterator[Any]:
     yield make
     for server in servers:
         server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_env(**extra: str) -> dict[str, str]:
+    """The environment for ``python -m app`` in a subprocess, free of the machine's settings."""
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))
+    }
+    env.update({"GATEWAY_LOCAL_ENABLED": "false", **extra})
+    return env
+
+
+def wait_until_serving(url: str, proc: Any, timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError("gateway did not start")

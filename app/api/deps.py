@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from app.config import Settings
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
 from app.routing import Router
+from app.shutdown import Drain
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -29,6 +30,7 @@ class GatewayState:
     settings: Settings
     router: Router
     client_keys: tuple[bytes, ...]
+    drain: Drain
 
 
 async def gateway(request: Request) -> GatewayState:

@@ -24,10 +24,12 @@ async def readyz(state: State) -> Response:
         ready = getattr(provider, "ready", True)
         providers[name] = "ready" if ready else "starting"
     ok = bool(providers) and all(v == "ready" for v in providers.values())
+    if state.router.draining:
+        ok = False  # so that load balancers stop sending new requests here
     # Open circuits are shown but do not make the instance unready: every
     # replica shares the same upstreams, and fallbacks may still answer.
     body = {
-        "status": "ready" if ok else "not_ready",
+        "status": "draining" if state.router.draining else "ready" if ok else "not_ready",
         "providers": providers,
         "circuits": state.router.circuits.snapshot(),
     }

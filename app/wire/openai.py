@@ -52,6 +52,7 @@ class OpenAIStreamEncoder:
         self.id = completion_id()
         self.created = int(time.time())
         self.include_usage = include_usage
+        self._errored = False
         self._set_model(model)
 
     def _set_model(self, model: str) -> None:
@@ -80,6 +81,7 @@ class OpenAIStreamEncoder:
                     prefix = self._prefix
                 out.append(prefix + b'{"role":"assistant","content":""}' + _TAIL)
             elif isinstance(ev, Error):
+                self._errored = True
                 out.append(b"data: " + dumps(error_json(ev.error)) + b"\n\n")
             elif isinstance(ev, End):
                 out.append(self._end(ev))
@@ -98,7 +100,7 @@ class OpenAIStreamEncoder:
                 + end.finish_reason.encode()
                 + b'"}]}\n\n'
             )
-        elif end.finish_reason == "cancelled":
+        elif end.finish_reason == "cancelled" and not self._errored:
             parts.append(
                 b'data: {"error":{"message":"the generation was cancelled",'
                 b'"type":"cancelled","code":"cancelled"}}\n\n'

@@ -19,6 +19,7 @@ import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
@@ -45,6 +46,11 @@ def _ping() -> ServerSentEvent:
 
 
 class SSEResponse(EventSourceResponse):
+    async def _listen_for_exit_signal_with_grace(self) -> None:
+        # Shutdown is the gateway's own (app.shutdown): running streams get the
+        # grace period and then an honest end, rather than sse-starlette's cut.
+        await anyio.sleep_forever()
+
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is None:
             await send(message)
