@@ -10,6 +10,7 @@ import sys
 import uvicorn
 
 from app.config import SettingsError, load_settings
+from app.logs import configure as configure_logs
 
 
 def _is_loopback(host: str) -> bool:
@@ -33,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logs(settings.log_level)
     log = logging.getLogger("app")
 
     if not settings.api_keys:
@@ -69,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         log_level=settings.log_level,
         access_log=False,  # ours leaves out query strings (access_token)
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        log_config=None,  # keep the JSON logging configured above
+        # X-Forwarded-For/-Proto are believed only from the proxy's addresses.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        # The app drains streams itself on SIGTERM (app.shutdown) before uvicorn
+        # starts its own shutdown; this only bounds what is left after that.
+        timeout_graceful_shutdown=10,
     )
     return 0
 

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # Addresses (or CIDR networks) whose X-Forwarded-* headers are believed:
+    # the reverse proxy's.
+    forwarded_allow_ips: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The embedded model (provider "local").

@@ -1,15 +1,19 @@
 """Prometheus metrics, one registry per app (tests run several apps in a process).
 
-Counted per request, never per chunk: attempts, retries and fallbacks by
-target. Circuit states are read from the breakers when scraped, so keeping
-them costs nothing between scrapes.
+Everything is counted per request or per stream, never per chunk: HTTP
+requests by route and status; streams by route, model, provider and outcome
+(the finish reason); time to first token and stream duration; tokens in and
+out; upstream attempts, retries and fallbacks by target. Active streams and
+circuit states are read when scraped, so keeping them costs nothing between
+scrapes. Model labels are configured targets, or ``provider/*`` for a
+provider open to any model id, so clients cannot grow the label sets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,11 +23,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STATES = ("closed", "half_open", "open")
 
 
-class _CircuitCollector(Collector):
-    def __init__(self, circuits: Circuits) -> None:
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+_DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 900)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, circuits: Circuits, active: Callable[[], int]) -> None:
         self._circuits = circuits
+        self._active = active
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "gateway_active_streams", "streams being relayed now", value=float(self._active())
+        )
         state = GaugeMetricFamily(
             "gateway_circuit_state",
             "1 for the state each target's circuit breaker is in",
@@ -43,8 +55,40 @@ class _CircuitCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, circuits: Circuits) -> None:
+    def __init__(self, circuits: Circuits, active: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.streams = Counter(
+            "gateway_streams",
+            "generations by route, answering model and provider, and outcome (finish reason)",
+            ["route", "model", "provider", "outcome"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "from the request to the first content",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "from the request to the end event",
+            ["model"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "tokens by answering model and direction (input, output), as upstreams report them",
+            ["model", "direction"],
+            registry=self.registry,
+        )
         self.attempts = Counter(
             "gateway_upstream_attempts",
             "upstream attempts by target",
@@ -63,7 +107,7 @@ class Metrics:
             ["from_target", "to_target"],
             registry=self.registry,
         )
-        self.registry.register(_CircuitCollector(circuits))
+        self.registry.register(_LiveCollector(circuits, active))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,17 +73,33 @@ class RequestContext:
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
             finally:
+                route = getattr(scope.get("route"), "path", None) or "other"
+                _count(scope, route, status)
                 if log.isEnabledFor(logging.INFO):
+                    ms = round((time.perf_counter() - start) * 1000, 1)
                     log.info(
-                        "%s %s %s %.1fms rid=%s",
+                        "%s %s %s",
                         scope["method"],
                         scope["path"],
                         status or "-",
-                        (time.perf_counter() - start) * 1000,
-                        rid,
+                        extra={
+                            "fields": {
+                                "request_id": rid,
+                                "method": scope["method"],
+                                "path": scope["path"],  # never the query string
+                                "status": status,
+                                "duration_ms": ms,
+                            }
+                        },
                     )
             return
-        log.info("%s %s 413 rid=%s", scope["method"], scope["path"], rid)
+        _count(scope, "other", 413)
+        log.info(
+            "%s %s 413",
+            scope["method"],
+            scope["path"],
+            extra={"fields": {"request_id": rid, "path": scope["path"], "status": 413}},
+        )
 
     @staticmethod
     async def _too_large(send: Send, limit: int) -> None:
@@ -100,6 +116,12 @@ class RequestContext:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _count(scope: Scope, route: str, status: int | None) -> None:
+    gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
+    if gateway is not None:
+        gateway.router.metrics.http_requests.labels(route, str(status or 0)).inc()
 
 
 def _too_large_message(limit: int) -> str:

@@ -28,7 +28,9 @@ router = APIRouter()
 
 async def _stream(request: Request, body: SimpleChatBody, state: State, rid: str) -> Response:
     route = state.router.resolve(body.model)
-    gen = await while_connected(request, state.router.open(route, body.to_request(rid)))
+    gen = await while_connected(
+        request, state.router.open(route, body.to_request(rid, "/chat/stream"))
+    )
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),

@@ -26,9 +26,13 @@ async def chat_completions(request: Request, state: State, rid: RequestId) -> Re
     models = state.router
     route = models.resolve(body.model)
     if not body.stream:
-        result = await while_connected(request, complete(models, route, body.to_request(rid)))
+        result = await while_connected(
+            request, complete(models, route, body.to_request(rid, "/v1/chat/completions"))
+        )
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
-    gen = await while_connected(request, models.open(route, body.to_request(rid)))
+    gen = await while_connected(
+        request, models.open(route, body.to_request(rid, "/v1/chat/completions"))
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     encoder = OpenAIStreamEncoder(model=gen.model, include_usage=include_usage)
     return sse_response(

@@ -122,7 +122,7 @@ class ChatCompletionBody(_Sampling):
     parallel_tool_calls: bool | None = None
     logit_bias: dict[str, int] | None = None
 
-    def to_request(self, request_id: str) -> ChatRequest:
+    def to_request(self, request_id: str, endpoint: str) -> ChatRequest:
         return ChatRequest(
             model="",
             messages=[m.model_dump(exclude_none=True) for m in self.messages],
@@ -134,6 +134,7 @@ class ChatCompletionBody(_Sampling):
             tool_choice=self.tool_choice,
             extra={k: v for k in _PASSTHROUGH if (v := getattr(self, k)) is not None},
             request_id=request_id,
+            endpoint=endpoint,
         )
 
 
@@ -157,7 +158,7 @@ class SimpleChatBody(_Sampling):
             raise ValueError("messages must not be empty")
         return self
 
-    def to_request(self, request_id: str) -> ChatRequest:
+    def to_request(self, request_id: str, endpoint: str) -> ChatRequest:
         messages: list[dict[str, Any]] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
@@ -172,4 +173,5 @@ class SimpleChatBody(_Sampling):
             temperature=self.temperature,
             stop=self.stop_list(),
             request_id=request_id,
+            endpoint=endpoint,
         )

@@ -50,6 +50,7 @@ class ChatRequest:
     # (seed, response_format, ...); other kinds ignore them.
     extra: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    endpoint: str = ""  # the gateway route that asked, for metrics and logs
     # The last message is a partial assistant answer to be continued, not a
     # turn to answer (providers that accept it: ProviderConfig.accepts_continuation).
     continuation: bool = False
