@@ -18,6 +18,7 @@ from app.errors import PayloadTooLarge
 
 log = logging.getLogger("app.access")
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestContext:
@@ -75,9 +76,12 @@ class RequestContext:
             finally:
                 route = getattr(scope.get("route"), "path", None) or "other"
                 _count(scope, route, status)
-                if log.isEnabledFor(logging.INFO):
+                # Health probes every few seconds would drown the log: debug.
+                level = logging.DEBUG if scope["path"] in _QUIET else logging.INFO
+                if log.isEnabledFor(level):
                     ms = round((time.perf_counter() - start) * 1000, 1)
-                    log.info(
+                    log.log(
+                        level,
                         "%s %s %s",
                         scope["method"],
                         scope["path"],
