@@ -30,7 +30,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Literal
 
-from app.errors import GatewayError, UpstreamTimeout, UpstreamTruncated
+from app.errors import Cancelled, GatewayError, UpstreamTimeout, UpstreamTruncated
 from app.events import (
     ChatEvent,
     End,
@@ -135,6 +135,12 @@ class Watchdog:
         self.expired = None
         return kind if task.uncancel() == 0 else None
 
+    def rearm(self) -> None:
+        """The deadline moved earlier (first content: idle replaces first-token; the finish
+        tail): the lazy timer only ever moves later by itself."""
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._deadline()[0], self._check)
+
     def hold(self) -> None:
         """Between attempts: no deadlines (failover keeps its own), but an interrupt lands."""
         self._handle.cancel()
@@ -216,7 +222,8 @@ class Generation:
         self.input_tokens = self.output_tokens = None
 
     def stop(self, reason: GatewayError) -> None:
-        """End the stream now with ``reason`` and ``end`` ``cancelled`` (server shutdown)."""
+        """End the stream now with ``end`` ``cancelled``, after an ``error`` with ``reason``
+        unless it is ``Cancelled`` (the client's own stop)."""
         if self._stop is None:
             self._stop = reason
             if self._wd is not None:
@@ -286,6 +293,8 @@ class Generation:
                 wd.idle_s = min(wd.idle_s, FINISH_TAIL_S)
                 if not wd.token:
                     self._got_content()
+                else:
+                    wd.rearm()
             elif isinstance(ev, Start):
                 if self._original is None:  # a continuation's Start is not relayed
                     ev.model = self.model
@@ -299,6 +308,7 @@ class Generation:
         wd = self._wd
         assert wd is not None and self._opened is not None
         wd.token = True
+        wd.rearm()
         if self.first_token_at is None:
             self.first_token_at = wd.last
 
@@ -463,6 +473,9 @@ class Generation:
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             if failure is self._stop:
                 reason = "cancelled"
+                if isinstance(failure, Cancelled):
+                    yield self._held([self.end(reason)])
+                    return
             yield self._held([Error(failure), self.end(reason)])
         else:
             assert self.finish is not None

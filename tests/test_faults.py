@@ -144,6 +144,22 @@ def test_stall_mid_stream(gw, openai_fake):
     healthy_after(gw)
 
 
+def test_a_stall_right_after_the_first_token_hits_the_idle_timeout(make_gateway, openai_fake):
+    """The idle deadline replaces a later first-token deadline as soon as content arrives."""
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model="openai/gpt-4o-mini",
+        first_token_timeout_s=30,
+        idle_timeout_s=0.5,
+    )
+    openai_fake.enqueue(Scenario(chunks=["a", "b"], fault="stall", fault_after=1))
+    started = time.monotonic()
+    _r, events = simple(gw)
+    error, end = ending(events)
+    assert error["type"] == "timeout" and "idle" in error["message"]
+    assert end["finish_reason"] == "timeout" and time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-haiku-4-5"])
 @pytest.mark.parametrize("fault", ["cut", "malformed"])
 def test_cut_or_unparseable_chunk_is_never_success(gw, openai_fake, anthropic_fake, model, fault):
