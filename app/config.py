@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     redis_url: str | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # POST /chat/fanout: how many models one request may compare.
+    fanout_max_models: int = Field(default=4, ge=2, le=16)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Addresses (or CIDR networks) whose X-Forwarded-* headers are believed:
     # the reverse proxy's.

@@ -11,6 +11,7 @@
     ├── Overloaded                    503 overloaded_error        (Retry-After)
     │   └── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
     ├── ClientClosed                  499 the client left before the response started
+    ├── Cancelled                     499 the client stopped the generation (no error event)
     └── UpstreamError                 502 upstream_error
         ├── UpstreamStatus            the upstream's own 4xx/5xx, its message kept
         ├── UpstreamAuthFailed        502 the provider refused the gateway's own key
@@ -125,6 +126,13 @@ class ShuttingDown(Overloaded):
     """The server is draining for a shutdown: no new streams; running ones end after the grace."""
 
     error_type = "server_shutdown"
+
+
+class Cancelled(GatewayError):
+    """The client asked to stop the generation: the stream ends ``cancelled``, without an error."""
+
+    status = 499
+    error_type = "cancelled"
 
 
 class ClientClosed(GatewayError):

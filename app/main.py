@@ -15,10 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from app.api import chat, health, openai
+from app.api import chat, fanout, health, openai, page, ws
 from app.api.deps import GatewayState, describe
 from app.config import Settings, load_settings
 from app.errors import GatewayError, InvalidRequest
@@ -105,10 +107,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(chat.router)
+    app.include_router(fanout.router)
+    app.include_router(ws.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    if settings.cors_origins:
+        origins = settings.cors_origins
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            # Clients authenticate with a Bearer key, not cookies; and a
+            # wildcard origin must never be combined with credentials.
+            allow_credentials="*" not in origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     return app
 

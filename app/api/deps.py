@@ -49,7 +49,7 @@ async def request_id(request: Request) -> str:
 RequestId = Annotated[str, Depends(request_id)]
 
 
-def _key_matches(keys: tuple[bytes, ...], token: str | None) -> bool:
+def key_matches(keys: tuple[bytes, ...], token: str | None) -> bool:
     if not token:
         return False
     candidate = token.encode()
@@ -75,7 +75,7 @@ def _check(request: Request, *, allow_query: bool) -> None:
     if token is None and allow_query:
         # EventSource cannot send headers (API.md, Running and configuring).
         token = request.query_params.get("access_token")
-    if not _key_matches(keys, token):
+    if not key_matches(keys, token):
         raise AuthenticationFailed(
             "missing or invalid API key: send 'Authorization: Bearer <key>'"
             + (" or ?access_token=<key>" if allow_query else ""),

@@ -7,7 +7,7 @@ use); known ones are checked for type and range so that a bad value gets a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -175,3 +175,15 @@ class SimpleChatBody(_Sampling):
             request_id=request_id,
             endpoint=endpoint,
         )
+
+
+class FanoutBody(SimpleChatBody):
+    """``/chat/fanout``: the simple protocol's body with ``models`` (2 or more) for ``model``."""
+
+    models: list[Annotated[str, Field(min_length=1)]] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _no_model(self) -> FanoutBody:
+        if self.model is not None:
+            raise ValueError("model: not used here; name the models to compare in 'models'")
+        return self

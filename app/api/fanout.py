@@ -1,0 +1,106 @@
+"""``POST /chat/fanout``: one prompt, several models, streamed side by side on one response.
+
+Each model runs as its own generation (retries, fallbacks and timeouts
+included) in its own task; their event batches are merged in arrival order.
+A model that fails gets its own ``error`` and ``end``, and the others go on.
+The response starts at once (the models start at different times), so even a
+model that fails before its stream started is reported in-band. A client that
+goes away cancels every task, which closes every upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from app.api.deps import RequestId, State, json_body, require_key, validate
+from app.api.schemas import FanoutBody
+from app.errors import GatewayError, InvalidRequest
+from app.events import ChatEvent, End, Error, Start
+from app.providers.base import ChatRequest
+from app.routing import Route, Router
+from app.wire.fanout import FanoutEncoder
+from app.wire.sse import sse_response
+
+router = APIRouter()
+
+_Item = tuple[int, list[ChatEvent] | None]  # None: that model is over
+
+
+@router.post("/chat/fanout", dependencies=[Depends(require_key)])
+async def chat_fanout(request: Request, state: State, rid: RequestId) -> Response:
+    body = validate(FanoutBody, await json_body(request))
+    limit = state.settings.fanout_max_models
+    if len(body.models) > limit:
+        raise InvalidRequest(
+            f"models: at most {limit} models per request (GATEWAY_FANOUT_MAX_MODELS)",
+            param="models",
+            code="too_many_models",
+        )
+    routes = [state.router.resolve(name) for name in body.models]  # 404 before the stream
+    encoder = FanoutEncoder("fan_" + secrets.token_hex(8), body.models)
+
+    def make_request() -> ChatRequest:
+        return body.to_request(rid, "/chat/fanout")
+
+    return sse_response(
+        fanout(state.router, routes, make_request, encoder),
+        request_id=rid,
+        ping_interval=state.settings.ping_interval_s,
+    )
+
+
+async def fanout(
+    router: Router,
+    routes: list[Route],
+    make_request: Callable[[], ChatRequest],
+    encoder: FanoutEncoder,
+) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue[_Item] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    async def run(index: int, route: Route) -> None:
+        started = loop.time()
+        try:
+            try:
+                gen = await router.open(route, make_request())
+            except GatewayError as exc:
+                end = End("error", None, None, route.name, "", None, 0)
+                end.duration_ms = round((loop.time() - started) * 1000)
+                queue.put_nowait((index, [Start(model=route.name), Error(exc), end]))
+                return
+            try:
+                async for batch in gen.events():
+                    queue.put_nowait((index, batch))
+            finally:
+                await gen.aclose()
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(run(i, route)) for i, route in enumerate(routes)]
+    try:
+        yield encoder.first()
+        running = len(tasks)
+        while running:
+            index, batch = await queue.get()
+            if batch is None:
+                running -= 1
+                continue
+            data = encoder.encode(index, batch)
+            while not queue.empty():  # what else is ready goes out in the same write
+                index, more = queue.get_nowait()
+                if more is None:
+                    running -= 1
+                else:
+                    data += encoder.encode(index, more)
+            if data:
+                yield data
+        yield encoder.done()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
