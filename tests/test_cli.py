@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GATEWAY_", "OPENAI_", "ANTHROPIC_"))
-    }
-    env.update({"GATEWAY_LOCAL_ENABLED": "false", **extra})
-    return env
+from tests.harness import free_port, gateway_env
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        env=_env(**env),
+        env=gateway_env(**env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -47,16 +38,10 @@ def test_invalid_setting_is_named():
     assert r.returncode == 2 and "GATEWAY_ALIASES" in r.stderr and "ghost" in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_starts_and_serves(openai_fake):
-    port = _free_port()
+    port = free_port()
     providers = f'{{"up": {{"kind": "openai-compatible", "base_url": "{openai_fake.base_url}"}}}}'
-    env = _env(GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m")
+    env = gateway_env(GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m")
     with subprocess.Popen(
         [sys.executable, "-m", "app", "--port", str(port)],
         env=env,
