@@ -117,6 +117,11 @@ class End:
     attempts: list[AttemptRecord] = field(default_factory=list)
     type: Literal["end"] = field(default="end", init=False)
 
+    @classmethod
+    def before_start(cls, reason: FinishReason, model: str, duration_ms: int) -> End:
+        """The end of a generation that never started (its failure was reported in-band)."""
+        return cls(reason, None, None, model, "", None, duration_ms)
+
     def usage(self) -> dict[str, int | None]:
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
 

@@ -294,12 +294,12 @@ class Failover:
         except GatewayError as e:
             exc = e
         except BaseException:
-            await _aclose(stream)
+            await close_stream(stream)
             self.settle(opened, None, cancelled=True)
             raise
         else:
             return opened
-        await _aclose(stream)
+        await close_stream(stream)
         self.settle(opened, exc)
         raise exc
 
@@ -358,7 +358,8 @@ class Failover:
                 breaker.release(opened.probe)
 
 
-async def _aclose(stream: AsyncIterator[list[ChatEvent]]) -> None:
+async def close_stream(stream: AsyncIterator[list[ChatEvent]]) -> None:
+    """Close a provider stream (releases its upstream connection)."""
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()

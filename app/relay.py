@@ -42,7 +42,7 @@ from app.events import (
     ToolCallDelta,
     Usage,
 )
-from app.failover import Failover, Limits, Opened
+from app.failover import Failover, Limits, Opened, close_stream
 
 log = logging.getLogger("app.relay")
 stream_log = logging.getLogger("app.stream")
@@ -441,9 +441,9 @@ class Generation:
                         wd.paused = False
                         await self._drain(it)
                         return
-                    await _close(it)
+                    await close_stream(it)
                     break
-                await _close(it)
+                await close_stream(it)
                 log.warning(
                     "upstream fault rid=%s target=%s code=%s: %s",
                     self.request_id,
@@ -543,10 +543,4 @@ class Generation:
         if opened is not None and not opened.settled:
             self._fo.settle(opened, None, cancelled=True)
         if self._it is not None:
-            await _close(self._it)
-
-
-async def _close(it: AsyncIterator[list[ChatEvent]]) -> None:
-    aclose = getattr(it, "aclose", None)
-    if aclose is not None:
-        await aclose()
+            await close_stream(self._it)

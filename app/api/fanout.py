@@ -69,8 +69,7 @@ async def fanout(
             try:
                 gen = await router.open(route, make_request())
             except GatewayError as exc:
-                end = End("error", None, None, route.name, "", None, 0)
-                end.duration_ms = round((loop.time() - started) * 1000)
+                end = End.before_start("error", route.name, round((loop.time() - started) * 1000))
                 queue.put_nowait((index, [Start(model=route.name), Error(exc), end]))
                 return
             try:

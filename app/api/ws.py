@@ -104,13 +104,11 @@ class Session:
             gen = await self.state.router.open(route, request)
         except GatewayError as exc:
             await self.error(exc)
-            end = End("error", None, None, route.name, "", None, 0)
-            end.duration_ms = round((loop.time() - started) * 1000)
+            end = End.before_start("error", route.name, round((loop.time() - started) * 1000))
             await self.send(frame("end", **end_json(end)))
             return
         except asyncio.CancelledError:  # cancelled before the upstream accepted
-            end = End("cancelled", None, None, route.name, "", None, 0)
-            end.duration_ms = round((loop.time() - started) * 1000)
+            end = End.before_start("cancelled", route.name, round((loop.time() - started) * 1000))
             await self.send(frame("end", **end_json(end)))
             return
         self.gen = gen
