@@ -90,9 +90,25 @@ class Settings(BaseSettings):
     # let one probe through after the cool-down.
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_cooldown_s: float = Field(default=30.0, gt=0)
+    # Resumable streams (GET /chat/stream, /chat/streams): how long one runs on
+    # with no reader, waiting for a reconnect, before it is cancelled.
     resume_grace_s: float = Field(default=10.0, ge=0)
+    # How long an ended stream's replay log is kept (a reconnect after the end
+    # gets 204 rather than 404, and a late reader can still replay it).
+    stream_ttl_s: float = Field(default=600.0, gt=0)
+    # Bounds of one stream's replay log; a stream that would pass either ends
+    # with an error (stream_log_full) instead of growing without limit.
+    stream_log_max_events: int = Field(default=50_000, ge=16)
+    stream_log_max_bytes: int = Field(default=8 * 1024 * 1024, ge=4096)
+    # Per client key (per client address without keys): requests that start a
+    # generation per rolling minute, and generations running at once.
+    # Unset = no limit. Counted in Redis when GATEWAY_REDIS_URL is set.
+    rate_limit_rpm: int | None = Field(default=None, ge=1)
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Shared state for several instances: replay logs, cancels, rate limits.
     redis_url: str | None = None
+    redis_prefix: str = "gateway:"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # POST /chat/fanout: how many models one request may compare.
     fanout_max_models: int = Field(default=4, ge=2, le=16)
@@ -128,6 +144,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,7 +9,9 @@
     ├── PayloadTooLarge               413 request_too_large
     ├── RateLimited                   429 rate_limit_error        (Retry-After)
     ├── Overloaded                    503 overloaded_error        (Retry-After)
-    │   └── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
+    │   ├── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
+    │   └── StoreUnavailable          503 store_unavailable (Redis unreachable)
+    ├── StreamLogFull                 500 the replay log reached its bound (in-band only)
     ├── ClientClosed                  499 the client left before the response started
     ├── Cancelled                     499 the client stopped the generation (no error event)
     └── UpstreamError                 502 upstream_error
@@ -126,6 +128,18 @@ class ShuttingDown(Overloaded):
     """The server is draining for a shutdown: no new streams; running ones end after the grace."""
 
     error_type = "server_shutdown"
+
+
+class StoreUnavailable(Overloaded):
+    """The shared state (Redis) cannot be reached: no resumable stream or rate count without it."""
+
+    error_type = "store_unavailable"
+
+
+class StreamLogFull(GatewayError):
+    """A resumable stream's replay log reached its bound: the stream ends rather than grow."""
+
+    error_type = "stream_log_full"
 
 
 class Cancelled(GatewayError):

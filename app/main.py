@@ -21,13 +21,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from app.api import chat, fanout, health, openai, page, ws
+from app.api import streams as streams_api
 from app.api.deps import GatewayState, describe
 from app.config import Settings, load_settings
 from app.errors import GatewayError, InvalidRequest
+from app.limits import make_rate_limits
 from app.middleware import RequestContext
 from app.providers import build_provider
 from app.routing import Router
 from app.shutdown import Drain
+from app.streams import make_streams
 
 log = logging.getLogger("app")
 
@@ -77,8 +80,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             providers[name] = provider
     router = Router(settings, providers, configs)
     keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
+    redis_client = None
+    if settings.redis_url:
+        from app.streams.redis_store import connect
+
+        redis_client = connect(settings.redis_url)
+    streams = make_streams(settings, redis_client)
     drain = Drain(router, settings.shutdown_grace_s)
-    state = GatewayState(settings=settings, router=router, client_keys=keys, drain=drain)
+    # Readers of streams that run on other instances: clients reconnect elsewhere.
+    drain.before_exit.append(lambda: setattr(streams.store, "closing", True))
+    state = GatewayState(
+        settings=settings,
+        router=router,
+        client_keys=keys,
+        drain=drain,
+        streams=streams,
+        limits=make_rate_limits(settings, redis_client),
+        redis=redis_client,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,10 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(p.start()) for p in providers.values() if hasattr(p, "start")
         ]
         drain.install()
+        streams.start_listening()
         try:
             yield
         finally:
             drain.uninstall()
+            await streams.aclose()
             for task in starting:
                 task.cancel()
             await asyncio.gather(*starting, return_exceptions=True)
@@ -107,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(chat.router)
+    app.include_router(streams_api.router)
     app.include_router(fanout.router)
     app.include_router(ws.router)
     app.include_router(page.router)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 from app.errors import Cancelled, GatewayError, UpstreamTimeout, UpstreamTruncated
@@ -174,6 +174,7 @@ class Generation:
         "first_token_at",
         "input_tokens",
         "model",
+        "on_close",
         "output_tokens",
         "provider",
     )
@@ -201,6 +202,8 @@ class Generation:
         self._carry_output = 0
         self._carry_input: int | None = None
         self._stop: GatewayError | None = None  # set by stop(): ends as cancelled
+        # Called once when the generation is over (frees its concurrency slot).
+        self.on_close: Callable[[], Awaitable[None]] | None = None
 
     @property
     def request_id(self) -> str:
@@ -537,6 +540,9 @@ class Generation:
 
     async def aclose(self) -> None:
         self._fo.router.active.discard(self)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            await on_close()
         if self._wd is not None:
             self._wd.stop()
         opened = self._opened

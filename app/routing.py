@@ -183,14 +183,17 @@ class Router:
             self._routes[name] = route
         return route
 
-    async def open(self, route: Route, request: ChatRequest) -> Generation:
-        """A generation on the first target that accepts it (retries and fallbacks included)."""
+    def refuse_if_draining(self) -> None:
         if self.draining:
             raise ShuttingDown(
                 "the server is shutting down; retry on another instance",
                 code="shutting_down",
                 retry_after=1,
             )
+
+    async def open(self, route: Route, request: ChatRequest) -> Generation:
+        """A generation on the first target that accepts it (retries and fallbacks included)."""
+        self.refuse_if_draining()
         gen = Generation(Failover(self, route, request))
         await gen.open()
         self.active.add(gen)

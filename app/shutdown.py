@@ -42,6 +42,8 @@ class Drain:
         self.grace_s = grace_s
         self.task: asyncio.Task[None] | None = None
         self._previous: dict[int, Any] = {}
+        # Called once the streams are over, before the server is told to exit.
+        self.before_exit: list[Callable[[], None]] = []
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -95,5 +97,7 @@ class Drain:
             deadline = loop.time() + _FLUSH_S
             while router.active and loop.time() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+        for hook in self.before_exit:
+            hook()
         if then is not None:
             then()

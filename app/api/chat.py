@@ -1,4 +1,11 @@
-"""The simple browser protocol: ``POST /chat/stream`` and ``GET /chat/stream``."""
+"""The simple browser protocol: ``POST /chat/stream`` and ``GET /chat/stream``.
+
+``POST`` streams straight from the generation: a client that leaves stops it
+at once. ``GET`` is for ``EventSource``, which reconnects by itself: its
+stream is resumable (``app.streams``), and a request carrying
+``Last-Event-ID`` (header, or ``last_event_id`` for fetch clients) resumes
+the stream it names and never starts a second generation.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +19,28 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     RequestId,
     State,
+    client_id,
     json_body,
+    open_generation,
     require_key,
     require_key_or_token,
     validate,
-    while_connected,
 )
 from app.api.schemas import SimpleChatBody
-from app.errors import InvalidRequest, NotFound
+from app.api.streams import last_event_id, resume
+from app.errors import InvalidRequest
+from app.streams import parse_event_id
 from app.wire.simple import SimpleStreamEncoder
 from app.wire.sse import sse_response
 
 router = APIRouter()
 
 
-async def _stream(request: Request, body: SimpleChatBody, state: State, rid: str) -> Response:
+@router.post("/chat/stream", dependencies=[Depends(require_key)])
+async def chat_stream_post(request: Request, state: State, rid: RequestId) -> Response:
+    body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)
-    gen = await while_connected(
-        request, state.router.open(route, body.to_request(rid, "/chat/stream"))
-    )
+    gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),
@@ -40,25 +50,10 @@ async def _stream(request: Request, body: SimpleChatBody, state: State, rid: str
     )
 
 
-@router.post("/chat/stream", dependencies=[Depends(require_key)])
-async def chat_stream_post(request: Request, state: State, rid: RequestId) -> Response:
-    body = validate(SimpleChatBody, await json_body(request))
-    return await _stream(request, body, state, rid)
-
-
 _NUMBERS = {"max_tokens": int, "temperature": float}
 
 
-@router.get("/chat/stream", dependencies=[Depends(require_key_or_token)])
-async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Response:
-    last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if last_id:
-        # A reconnect. Resuming needs the stream registry; until a stream is
-        # known here, say so with a 404 (which stops EventSource reconnecting)
-        # rather than start a second generation (API.md, The simple stream).
-        raise NotFound(
-            f"stream '{last_id.partition(':')[0]}' is unknown or expired", code="stream_not_found"
-        )
+def _query_body(request: Request) -> SimpleChatBody:
     query = request.query_params
     data: dict[str, Any] = {}
     for key in ("prompt", "model", "system"):
@@ -77,4 +72,21 @@ async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Res
                     param=key,
                     code="invalid_value",
                 ) from None
-    return await _stream(request, validate(SimpleChatBody, data), state, rid)
+    return validate(SimpleChatBody, data)
+
+
+@router.get("/chat/stream", dependencies=[Depends(require_key_or_token)])
+async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Response:
+    last = last_event_id(request)
+    if last:
+        sid, n = parse_event_id(last)
+        return await resume(state, rid, sid, client_id(request), n)
+    body = _query_body(request)
+    route = state.router.resolve(body.model)
+    gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
+    run = await state.streams.start(client_id(request), gen.model, gen, reading=True)
+    return sse_response(
+        state.streams.read_new(run),
+        request_id=rid,
+        ping_interval=state.settings.ping_interval_s,
+    )

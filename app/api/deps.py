@@ -7,6 +7,7 @@ thread, a thread hop per request for nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
-from app.routing import Router
+from app.limits import RateLimits, Slot
+from app.providers.base import ChatRequest
+from app.relay import Generation
+from app.routing import Route, Router
 from app.shutdown import Drain
+from app.streams import Streams
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -31,6 +36,9 @@ class GatewayState:
     router: Router
     client_keys: tuple[bytes, ...]
     drain: Drain
+    streams: Streams
+    limits: RateLimits
+    redis: Any | None  # the shared Redis client, when GATEWAY_REDIS_URL is set
 
 
 async def gateway(request: Request) -> GatewayState:
@@ -67,9 +75,22 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
+def client_of(token: str | None, host: str | None) -> str:
+    """Who a request is for rate limits and stream ownership: its key, else its address."""
+    if token is None:
+        return "ip:" + (host or "-")
+    return "key:" + hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def client_id(request: Request) -> str:
+    client: str = request.scope["state"]["client"]
+    return client
+
+
 def _check(request: Request, *, allow_query: bool) -> None:
     keys = request.app.state.gateway.client_keys
     if not keys:
+        request.scope["state"]["client"] = client_of(None, request.client and request.client.host)
         return
     token = _bearer(request)
     if token is None and allow_query:
@@ -81,6 +102,7 @@ def _check(request: Request, *, allow_query: bool) -> None:
             + (" or ?access_token=<key>" if allow_query else ""),
             code="invalid_api_key",
         )
+    request.scope["state"]["client"] = client_of(token, None)
 
 
 async def require_key(request: Request) -> None:
@@ -157,3 +179,22 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
+
+
+async def opening(router: Router, route: Route, chat: ChatRequest, slot: Slot) -> Generation:
+    """Open a generation that holds ``slot`` until it is over."""
+    try:
+        gen = await router.open(route, chat)
+    except BaseException:
+        await slot.release()
+        raise
+    gen.on_close = slot.release
+    return gen
+
+
+async def open_generation(
+    request: Request, state: GatewayState, route: Route, chat: ChatRequest
+) -> Generation:
+    """Admit the client (rate limit, concurrency cap), then open while it stays connected."""
+    slot = await state.limits.admit(client_id(request))
+    return await while_connected(request, opening(state.router, route, chat, slot))

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import RequestId, State, json_body, require_key, validate
+from app.api.deps import RequestId, State, client_id, json_body, require_key, validate
 from app.api.schemas import FanoutBody
 from app.errors import GatewayError, InvalidRequest
 from app.events import ChatEvent, End, Error, Start
+from app.limits import Slot
 from app.providers.base import ChatRequest
 from app.routing import Route, Router
 from app.wire.fanout import FanoutEncoder
@@ -47,8 +48,10 @@ async def chat_fanout(request: Request, state: State, rid: RequestId) -> Respons
     def make_request() -> ChatRequest:
         return body.to_request(rid, "/chat/fanout")
 
+    # One request, one slot, whatever the number of models compared.
+    slot = await state.limits.admit(client_id(request))
     return sse_response(
-        fanout(state.router, routes, make_request, encoder),
+        fanout(state.router, routes, make_request, encoder, slot),
         request_id=rid,
         ping_interval=state.settings.ping_interval_s,
     )
@@ -59,6 +62,7 @@ async def fanout(
     routes: list[Route],
     make_request: Callable[[], ChatRequest],
     encoder: FanoutEncoder,
+    slot: Slot,
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[_Item] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -103,3 +107,4 @@ async def fanout(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await slot.release()

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.api.deps import State
+from app.errors import StoreUnavailable
 from app.metrics import CONTENT_TYPE
 from app.wire.sse import dumps
 
@@ -26,6 +27,13 @@ async def readyz(state: State) -> Response:
     ok = bool(providers) and all(v == "ready" for v in providers.values())
     if state.router.draining:
         ok = False  # so that load balancers stop sending new requests here
+    redis = None
+    if state.redis is not None:
+        try:
+            await state.streams.store.ping()
+            redis = "ok"
+        except StoreUnavailable:
+            redis, ok = "unreachable", False
     # Open circuits are shown but do not make the instance unready: every
     # replica shares the same upstreams, and fallbacks may still answer.
     body = {
@@ -33,6 +41,8 @@ async def readyz(state: State) -> Response:
         "providers": providers,
         "circuits": state.router.circuits.snapshot(),
     }
+    if redis is not None:
+        body["redis"] = redis
     return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
 

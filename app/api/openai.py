@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Any
 
@@ -10,10 +11,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
-from app.api.deps import RequestId, State, json_body, require_key, validate, while_connected
+from app.api.deps import (
+    RequestId,
+    State,
+    client_id,
+    json_body,
+    open_generation,
+    opening,
+    require_key,
+    validate,
+    while_connected,
+)
 from app.api.schemas import ChatCompletionBody
-from app.providers.base import ChatRequest
-from app.routing import Route, Router
+from app.relay import Generation
 from app.wire.openai import OpenAIStreamEncoder, collect_completion
 from app.wire.sse import dumps, sse_response
 
@@ -23,16 +33,13 @@ router = APIRouter(dependencies=[Depends(require_key)])
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(ChatCompletionBody, await json_body(request))
-    models = state.router
-    route = models.resolve(body.model)
+    route = state.router.resolve(body.model)
+    chat = body.to_request(rid, "/v1/chat/completions")
     if not body.stream:
-        result = await while_connected(
-            request, complete(models, route, body.to_request(rid, "/v1/chat/completions"))
-        )
+        slot = await state.limits.admit(client_id(request))
+        result = await while_connected(request, complete(opening(state.router, route, chat, slot)))
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
-    gen = await while_connected(
-        request, models.open(route, body.to_request(rid, "/v1/chat/completions"))
-    )
+    gen = await open_generation(request, state, route, chat)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     encoder = OpenAIStreamEncoder(model=gen.model, include_usage=include_usage)
     return sse_response(
@@ -43,9 +50,9 @@ async def chat_completions(request: Request, state: State, rid: RequestId) -> Re
     )
 
 
-async def complete(models: Router, route: Route, chat: ChatRequest) -> dict[str, Any]:
+async def complete(open_: Awaitable[Generation]) -> dict[str, Any]:
     """A whole non-streamed answer; the upstream is released however this ends."""
-    gen = await models.open(route, chat)
+    gen = await open_
     try:
         async with aclosing(gen.events()) as events:
             return await collect_completion(events, model=gen.model)

@@ -22,7 +22,7 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from app.api.deps import GatewayState, describe, key_matches
+from app.api.deps import GatewayState, client_of, describe, key_matches, opening
 from app.api.schemas import SimpleChatBody
 from app.errors import Cancelled, GatewayError, InvalidRequest
 from app.events import End
@@ -41,6 +41,7 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self.gen: Generation | None = None
         self.n = 0
+        self.client = client_of(None, ws.client and ws.client.host)
 
     async def send(self, *texts: str) -> None:
         async with self.lock:
@@ -101,7 +102,8 @@ class Session:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            gen = await self.state.router.open(route, request)
+            slot = await self.state.limits.admit(self.client)
+            gen = await opening(self.state.router, route, request, slot)
         except GatewayError as exc:
             await self.error(exc)
             end = End.before_start("error", route.name, round((loop.time() - started) * 1000))
@@ -142,9 +144,10 @@ async def ws_chat(ws: WebSocket) -> None:
     state: GatewayState = ws.app.state.gateway
     await ws.accept()
     session = Session(ws, state)
-    authed = not state.client_keys or key_matches(
-        state.client_keys, ws.query_params.get("access_token")
-    )
+    token = ws.query_params.get("access_token")
+    authed = not state.client_keys or key_matches(state.client_keys, token)
+    if state.client_keys and authed:
+        session.client = client_of(token, None)
     try:
         if not authed:
             first = await ws.receive_text()
@@ -167,6 +170,7 @@ async def ws_chat(ws: WebSocket) -> None:
                 )
                 await ws.close(code=1008, reason="invalid API key")
                 return
+            session.client = client_of(token, None)
         while True:
             await session.handle(await ws.receive_text())
     except WebSocketDisconnect:

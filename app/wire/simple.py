@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, assert_never
 
+from app.errors import GatewayError
 from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
 from app.wire.sse import dumps, retry_hint
 
@@ -27,6 +28,15 @@ def end_json(end: End) -> dict[str, Any]:
     }
 
 
+def ending_frames(stream_id: str, n: int, error: GatewayError) -> bytes:
+    """``error``, ``end`` and ``[DONE]`` numbered from ``n``, for a stream whose log broke
+    (nothing more about it is known here: usage and model are null)."""
+    enc = SimpleStreamEncoder(stream_id)
+    enc.n = n
+    end = End.before_start("error", "", 0)
+    return enc.encode([Error(error), end])
+
+
 class SimpleStreamEncoder:
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
@@ -39,6 +49,10 @@ class SimpleStreamEncoder:
         return b"id: %s:%d\n" % (self._sid, n)
 
     def encode(self, batch: list[ChatEvent]) -> bytes:
+        return b"".join(self.frames(batch))
+
+    def frames(self, batch: list[ChatEvent]) -> list[bytes]:
+        """One frame per event, in order (a replay log stores them one by one)."""
         out: list[bytes] = []
         for ev in batch:
             if isinstance(ev, TextDelta):
@@ -65,7 +79,7 @@ class SimpleStreamEncoder:
                 pass  # folded into End by the relay
             else:
                 assert_never(ev)
-        return b"".join(out)
+        return out
 
     async def stream(self, events: AsyncIterator[list[ChatEvent]]) -> AsyncIterator[bytes]:
         encode = self.encode

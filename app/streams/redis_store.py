@@ -1,0 +1,189 @@
+"""Replay logs in Redis, so that any instance can serve, resume or stop any stream.
+
+Keys (under ``GATEWAY_REDIS_PREFIX``):
+
+- ``stream:<id>``: a hash, ``client`` (who may read it) and ``state``
+  (``running`` / ``ended``);
+- ``stream:<id>:log``: a Redis Stream, one entry per SSE frame, with the
+  explicit id ``0-<n+1>`` for frame ``n``. A reader resumes after frame ``n``
+  with ``XREAD`` from ``0-<n+1>`` and follows it live with ``BLOCK``; and a
+  second writer could never interleave (ids must grow).
+- ``stream:<id>:reader``: a lease that readers renew while they follow; the
+  owner counts it as a reader when deciding on the resume grace.
+
+Both keys of a running stream expire after the longest a stream can run plus
+the TTL, and ``GATEWAY_STREAM_TTL_S`` after its end. Cancels go to every
+instance on the ``cancel`` pub/sub channel; the owner acts on them.
+
+Every Redis failure becomes ``StoreUnavailable``: a 503 before a stream, a
+clean ``error`` + ``end`` + ``[DONE]`` during one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from app.errors import StoreUnavailable
+from app.streams.store import DONE_TAIL, Meta
+
+log = logging.getLogger("app.streams")
+
+# A reader renews its lease this often, and XREAD blocks at most this long, so
+# that a reader notices a closing instance or an expired stream.
+LEASE_S = 2.0
+_BLOCK_MS = int(LEASE_S * 1000 / 3)
+
+
+def connect(url: str) -> Any:
+    """A client for ``url`` (no connection is made until first use)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,  # longer than any XREAD block
+        health_check_interval=10,
+        # A Redis that went away is reported within a second, not after retries.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+    )
+
+
+def unavailable(exc: Exception) -> StoreUnavailable:
+    log.warning("redis unavailable: %s", type(exc).__name__)
+    return StoreUnavailable(
+        "the gateway's shared state (Redis) is unreachable", code="store_unavailable", retry_after=1
+    )
+
+
+class RedisStore:
+    def __init__(self, client: Any, prefix: str, ttl_s: float, run_ttl_s: float) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.ttl = max(1, round(ttl_s))
+        self.run_ttl = max(1, round(run_ttl_s))
+        self.channel = prefix + "cancel"
+        self.closing = False  # set when this instance exits: readers return (clients reconnect)
+
+    def _key(self, sid: str) -> str:
+        return f"{self.prefix}stream:{sid}"
+
+    async def create(self, sid: str, client: str) -> None:
+        key = self._key(sid)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping={"client": client, "state": "running"})
+                pipe.expire(key, self.run_ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def append(self, sid: str, first: int, frames: list[bytes]) -> None:
+        key = self._key(sid) + ":log"
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for i, frame in enumerate(frames, first + 1):
+                    pipe.xadd(key, {"f": frame}, id=f"0-{i}")
+                if first == 0:
+                    pipe.expire(key, self.run_ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def finish(self, sid: str) -> None:
+        key = self._key(sid)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.hset(key, "state", "ended")
+                pipe.expire(key, self.ttl)
+                pipe.expire(key + ":log", self.ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def meta(self, sid: str) -> Meta | None:
+        key = self._key(sid)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(key)
+                pipe.xrevrange(key + ":log", count=1)
+                fields, tail = await pipe.execute()
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        if not fields:
+            return None
+        last = _number(tail[0][0]) if tail else -1
+        return Meta(fields[b"client"].decode(), fields.get(b"state") == b"ended", last)
+
+    async def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+        key = self._key(sid)
+        log_key = key + ":log"
+        lease = key + ":reader"
+        loop = asyncio.get_running_loop()
+        renew_at = 0.0
+        last = f"0-{after + 1}"
+        r = self.r
+        while not self.closing:
+            try:
+                if loop.time() >= renew_at:
+                    await r.set(lease, b"1", px=int(LEASE_S * 1000))
+                    renew_at = loop.time() + LEASE_S / 3
+                found = await r.xread({log_key: last}, block=_BLOCK_MS)
+                if not found and not await r.exists(key):
+                    return  # expired while no owner wrote an end (its instance is gone)
+            except RedisError as exc:
+                raise unavailable(exc) from None
+            if not found:
+                continue
+            entries = found[0][1]
+            last = entries[-1][0]
+            data = b"".join(fields[b"f"] for _, fields in entries)
+            yield _number(last), data
+            if data.endswith(DONE_TAIL):
+                return
+
+    async def has_reader(self, sid: str) -> bool:
+        try:
+            return bool(await self.r.exists(self._key(sid) + ":reader"))
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def publish_cancel(self, sid: str) -> None:
+        try:
+            await self.r.publish(self.channel, sid)
+        except RedisError as exc:
+            raise unavailable(exc) from None
+
+    async def listen(self, on_cancel: Callable[[str], None]) -> None:
+        while True:
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is not None and msg["type"] == "message":
+                        on_cancel(msg["data"].decode())
+            except (RedisError, OSError) as exc:
+                log.warning("redis cancel channel lost (%s); resubscribing", type(exc).__name__)
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self.r.ping(), 2)
+        except (RedisError, TimeoutError) as exc:
+            raise unavailable(exc) from None
+
+    async def aclose(self) -> None:
+        await self.r.aclose()
+
+
+def _number(entry_id: bytes) -> int:
+    """Frame number of a log entry id ``0-<n+1>``."""
+    return int(entry_id.partition(b"-")[2]) - 1
