@@ -158,6 +158,7 @@ class Generation:
     __slots__ = (
         "_carry_input",
         "_carry_output",
+        "_deltas",
         "_first",
         "_fo",
         "_it",
@@ -200,6 +201,7 @@ class Generation:
         self._original_target = ("", "")
         self._trim = ""
         self._carry_output = 0
+        self._deltas = 0  # content events relayed: stands in for an unreported output count
         self._carry_input: int | None = None
         self._stop: GatewayError | None = None  # set by stop(): ends as cancelled
         # Called once when the generation is over (frees its concurrency slot).
@@ -253,6 +255,7 @@ class Generation:
             cls = ev.__class__
             if cls is not TextDelta and cls is not ToolCallDelta:
                 return self._scan_slow(batch)
+        self._deltas += len(batch)
         if self._partial is not None:
             self._record(batch)
         return batch
@@ -285,6 +288,7 @@ class Generation:
                         self._partial.append(ev.text)
                 else:
                     self._tools_sent = True
+                self._deltas += 1
                 out.append(ev)
             elif isinstance(ev, Usage):
                 if ev.input_tokens is not None:
@@ -331,6 +335,9 @@ class Generation:
         output = self.output_tokens
         if self._original is not None:  # a continued answer: both attempts' output
             output = self._carry_output + (output or 0)
+        elif output is None and reason in ("cancelled", "error", "timeout") and self._deltas:
+            # Cut short before the provider's count came: one token per delta.
+            output = self._deltas
         inp = self._carry_input if self._carry_input is not None else self.input_tokens
         end = End(
             finish_reason=reason,

@@ -8,6 +8,7 @@ from typing import TypeVar
 import pytest
 
 from tests.fakes import AnthropicFake, FakeServer, OpenAIFake
+from tests.redis_server import RedisServer
 
 F = TypeVar("F", bound=FakeServer)
 
@@ -31,3 +32,13 @@ def openai_fake() -> Iterator[OpenAIFake]:
 def anthropic_fake() -> Iterator[AnthropicFake]:
     """A started AnthropicFake; pass ``anthropic_fake.base_url`` as the SDK's base_url."""
     yield from _run(AnthropicFake())
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart with their own key prefix."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

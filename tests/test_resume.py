@@ -1,0 +1,313 @@
+"""Resumable streams (issue 6), in memory and in a real Redis: replay, 204, 404, stop, grace.
+
+Every test runs once per store. Each checks what the client received, event
+by event (ids contiguous, nothing twice, one ``end``, ``[DONE]`` last), and
+how many generations the fake upstream saw.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from httpx_sse import EventSource, ServerSentEvent
+
+from tests.fakes import Scenario
+
+CHUNKS = [f"t{i} " for i in range(40)]
+DRIP = Scenario(chunks=CHUNKS, interval=0.03)
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for the store under test (each Redis test has its own key prefix)."""
+    if request.param == "memory":
+        return {}
+    server = request.getfixturevalue("redis_server")
+    return {"redis_url": server.url, "redis_prefix": f"t{secrets.token_hex(4)}:"}
+
+
+@pytest.fixture
+def gw(make_gateway, openai_fake, store):
+    openai_fake.default = DRIP
+    return make_gateway(openai_fake=openai_fake, default_model=MODEL, **store)
+
+
+def start(gw, **body: Any) -> tuple[str, str]:
+    r = httpx.post(gw.url + "/chat/streams", json={"prompt": "hi", **body}, timeout=10)
+    assert r.status_code == 201, r.text
+    data = r.json()
+    assert data["events_url"] == f"/chat/streams/{data['id']}/events"
+    assert r.headers["location"] == data["events_url"]
+    return data["id"], gw.url + data["events_url"]
+
+
+def read(url: str, *, last: str | None = None, content: int | None = None, **kw: Any):
+    """Events from ``url`` (after ``last``); with ``content``, leave after that many texts."""
+    headers = {"Last-Event-ID": last} if last else {}
+    events: list[ServerSentEvent] = []
+    with httpx.stream("GET", url, headers=headers, timeout=10, **kw) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        seen = 0
+        for ev in EventSource(r).iter_sse():
+            events.append(ev)
+            if ev.event == "message" and ev.data != "[DONE]":
+                seen += 1
+                if content is not None and seen >= content:
+                    break
+    return events
+
+
+def check_whole(sid: str, events: list[ServerSentEvent], *, text: str) -> dict[str, Any]:
+    """One whole stream: ids sid:0.. with no gap or repeat, start, the text, one end, [DONE]."""
+    assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
+    assert events[0].event == "start"
+    assert "".join(orjson.loads(e.data)["content"] for e in events[1:-2]) == text
+    assert [e.event for e in events].count("end") == 1
+    assert events[-2].event == "end" and events[-1].data == "[DONE]"
+    end: dict[str, Any] = orjson.loads(events[-2].data)
+    return end
+
+
+def test_disconnect_and_resume_gets_the_rest_once(gw, openai_fake):
+    sid, url = start(gw)
+    first = read(url, content=5)
+    assert first[0].event == "start" and len(first) == 6
+    time.sleep(0.3)  # the generation runs on without a reader
+    rest = read(url, last=first[-1].id)
+    end = check_whole(sid, first + rest, text="".join(CHUNKS))
+    assert end["finish_reason"] == "stop"
+    assert end["usage"]["output_tokens"] == len(CHUNKS)
+    assert len(openai_fake.attempts) == 1  # one generation, however many readers
+
+
+def test_resume_mid_stream_twice_and_from_the_query_parameter(gw, openai_fake):
+    sid, url = start(gw)
+    a = read(url, content=3)
+    b = read(url + f"?last_event_id={a[-1].id}", content=4)  # fetch clients
+    c = read(url, last=b[-1].id)
+    check_whole(sid, a + b + c, text="".join(CHUNKS))
+    assert len(openai_fake.attempts) == 1
+
+
+def test_a_reader_from_the_start_replays_everything(gw):
+    sid, url = start(gw)
+    whole = read(url)
+    again = read(url)  # after the end: the whole log again
+    assert [e.id for e in again] == [e.id for e in whole]
+    check_whole(sid, again, text="".join(CHUNKS))
+
+
+def test_after_the_end_and_everything_delivered_204(gw):
+    _sid, url = start(gw)
+    events = read(url)
+    r = httpx.get(url, headers={"Last-Event-ID": events[-1].id})
+    assert r.status_code == 204 and r.content == b""
+    # One short of the end: just [DONE] is left.
+    rest = read(url, last=events[-2].id)
+    assert [e.data for e in rest] == ["[DONE]"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/chat/streams/gen_{hex}/events", 404, "stream_not_found"),
+        ("/chat/streams/nope/events", 404, "stream_not_found"),
+    ],
+)
+def test_unknown_stream_404(gw, path, status, code):
+    r = httpx.get(gw.url + path.format(hex=secrets.token_hex(16)))
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == code
+    r = httpx.delete(gw.url + path.format(hex=secrets.token_hex(16)).removesuffix("/events"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "stream_not_found"
+
+
+def test_bad_last_event_id_400(gw):
+    sid, url = start(gw)
+    for bad, why in [
+        ("garbage", "expected"),
+        ("gen_other:3", "another stream"),
+        (f"{sid}:99999", "never sent"),
+    ]:
+        r = httpx.get(url, headers={"Last-Event-ID": bad})
+        assert r.status_code == 400, bad
+        err = r.json()["error"]
+        assert err["code"] == "invalid_last_event_id" and why in err["message"]
+        assert err["param"] == "last_event_id"
+    read(url)
+
+
+def test_delete_stops_the_generation_and_closes_the_upstream(gw, openai_fake):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
+    sid, url = start(gw)
+    first = read(url, content=3)
+    stopped = time.monotonic()
+    r = httpx.delete(gw.url + f"/chat/streams/{sid}", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": sid, "status": "ended", "finish_reason": "cancelled"}
+    closed = openai_fake.wait_closed(0, timeout=3)
+    assert closed - stopped < 1.0
+    assert not openai_fake.attempts[0].completed
+    rest = read(url, last=first[-1].id)
+    events = first + rest
+    assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
+    assert "error" not in [e.event for e in events]  # a stop is not a failure
+    end = orjson.loads(events[-2].data)
+    assert end["finish_reason"] == "cancelled"
+    # Usage so far: OpenAI counts only at the end, so the deltas relayed stand in.
+    assert end["usage"]["output_tokens"] >= 3
+    assert events[-1].data == "[DONE]"
+    # Stopping it again: already ended, says how.
+    again = httpx.delete(gw.url + f"/chat/streams/{sid}")
+    assert again.status_code == 200 and again.json()["finish_reason"] == "cancelled"
+
+
+def test_delete_while_a_reader_follows_ends_its_stream(gw, openai_fake):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
+    sid, url = start(gw)
+    events: list[ServerSentEvent] = []
+    with httpx.stream("GET", url, timeout=10) as r:
+        for ev in EventSource(r).iter_sse():
+            events.append(ev)
+            if len(events) == 4:
+                assert httpx.delete(gw.url + f"/chat/streams/{sid}").status_code == 200
+    assert events[-2].event == "end" and events[-1].data == "[DONE]"
+    assert orjson.loads(events[-2].data)["finish_reason"] == "cancelled"
+    openai_fake.wait_closed(0, timeout=3)
+
+
+def test_event_source_reconnect_on_get_chat_stream(gw, openai_fake):
+    url = gw.url + "/chat/stream"
+    params = {"prompt": "hi", "model": MODEL}
+    first = read(url, params=params, content=4)
+    sid = orjson.loads(first[0].data)["id"]
+    assert first[0].id == f"{sid}:0"
+    # What EventSource does: the same URL again, with the last id it saw.
+    rest = read(url, params=params, last=first[-1].id)
+    check_whole(sid, first + rest, text="".join(CHUNKS))
+    assert len(openai_fake.attempts) == 1
+    r = httpx.get(url, params=params, headers={"Last-Event-ID": rest[-1].id})
+    assert r.status_code == 204
+    assert len(openai_fake.attempts) == 1
+
+
+def test_retry_hint_is_jittered_and_sent_again_on_resume(gw):
+    hints = set()
+    for _ in range(6):
+        _sid, url = start(gw, max_tokens=5)
+        with httpx.stream("GET", url) as r:
+            head = r.read().split(b"\n", 1)[0]
+        assert head.startswith(b"retry: ")
+        hints.add(int(head.split(b" ")[1]))
+    assert len(hints) > 1
+    assert all(2400 <= h <= 3600 for h in hints)
+    _sid, url = start(gw)
+    first = read(url, content=2)
+    with httpx.stream("GET", url, headers={"Last-Event-ID": first[-1].id}) as r:
+        assert r.read().startswith(b"retry: ")
+
+
+def test_grace_expiry_cancels_and_releases_the_upstream(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=0.5, **store)
+    _sid, url = start(gw)
+    first = read(url, content=3)
+    left = time.monotonic()
+    closed = openai_fake.wait_closed(0, timeout=6)
+    # The grace (plus, with Redis, up to the reader lease of 2 s) and no more.
+    assert 0.4 < closed - left < 4.0
+    rest = read(url, last=first[-1].id)
+    assert orjson.loads(rest[-2].data)["finish_reason"] == "cancelled"
+    assert rest[-1].data == "[DONE]"
+
+
+def test_a_reconnect_within_the_grace_keeps_it_running(make_gateway, openai_fake, store):
+    openai_fake.default = DRIP
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=1.0, **store)
+    sid, url = start(gw)
+    a = read(url, content=2)
+    time.sleep(0.5)
+    b = read(url, last=a[-1].id)  # reads to the end, well past the grace
+    end = check_whole(sid, a + b, text="".join(CHUNKS))
+    assert end["finish_reason"] == "stop"
+
+
+def test_an_unread_stream_is_cancelled_after_the_grace(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=0.3, **store)
+    _sid, url = start(gw)
+    openai_fake.wait_closed(0, timeout=6)
+    events = read(url)
+    assert orjson.loads(events[-2].data)["finish_reason"] == "cancelled"
+
+
+def test_post_chat_stream_is_not_resumable_and_stops_at_once(gw, openai_fake):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
+    with httpx.stream("POST", gw.url + "/chat/stream", json={"prompt": "hi"}) as r:
+        events = []
+        for ev in EventSource(r).iter_sse():
+            events.append(ev)
+            if len(events) == 3:
+                break
+    left = time.monotonic()
+    assert openai_fake.wait_closed(0, timeout=3) - left < 1.0
+    r = httpx.get(gw.url + "/chat/stream", headers={"Last-Event-ID": events[-1].id})
+    assert r.status_code == 404
+
+
+def test_a_failure_to_start_is_the_streams_first_events(gw, openai_fake):
+    openai_fake.default = Scenario(fault="status", status=400, error_message="bad things")
+    _sid, url = start(gw)
+    events = read(url)
+    assert [e.event for e in events] == ["start", "error", "end", "message"]
+    assert orjson.loads(events[1].data)["error"]["message"].endswith("bad things")
+    assert orjson.loads(events[2].data)["finish_reason"] == "error"
+
+
+def test_unknown_model_is_refused_before_the_stream(gw):
+    r = httpx.post(gw.url + "/chat/streams", json={"prompt": "hi", "model": "ghost/x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(gw.url + "/chat/streams", json={"prompt": ""})
+    assert r.status_code == 400
+
+
+def test_log_overflow_ends_the_stream_with_an_error(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(200)], interval=0.005)
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model=MODEL, stream_log_max_events=20, **store
+    )
+    sid, url = start(gw)
+    events = read(url)
+    assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
+    assert [e.event for e in events[-3:]] == ["error", "end", "message"]
+    assert orjson.loads(events[-3].data)["error"]["code"] == "stream_log_full"
+    assert len(events) <= 20 + 3
+    openai_fake.wait_closed(0, timeout=3)
+    assert not openai_fake.attempts[0].completed
+
+
+def test_streams_belong_to_the_key_that_started_them(make_gateway, openai_fake, store):
+    openai_fake.default = DRIP
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model=MODEL, api_keys=["key-a", "key-b"], **store
+    )
+    a = {"Authorization": "Bearer key-a"}
+    r = httpx.post(gw.url + "/chat/streams", json={"prompt": "hi"}, headers=a)
+    assert r.status_code == 201
+    sid = r.json()["id"]
+    url = gw.url + r.json()["events_url"]
+    assert httpx.get(url).status_code == 401
+    other = httpx.get(url, headers={"Authorization": "Bearer key-b"})
+    assert other.status_code == 404  # another key's stream does not exist for it
+    r = httpx.delete(gw.url + f"/chat/streams/{sid}", headers={"Authorization": "Bearer key-b"})
+    assert r.status_code == 404
+    events = read(url + "?access_token=key-a")  # EventSource cannot send headers
+    check_whole(sid, events, text="".join(CHUNKS))
