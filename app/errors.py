@@ -12,6 +12,7 @@
     │   ├── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
     │   └── StoreUnavailable          503 store_unavailable (Redis unreachable)
     ├── StreamLogFull                 500 the replay log reached its bound (in-band only)
+    ├── StreamLost                    502 the instance running the stream is gone (in-band only)
     ├── ClientClosed                  499 the client left before the response started
     ├── Cancelled                     499 the client stopped the generation (no error event)
     └── UpstreamError                 502 upstream_error
@@ -140,6 +141,14 @@ class StreamLogFull(GatewayError):
     """A resumable stream's replay log reached its bound: the stream ends rather than grow."""
 
     error_type = "stream_log_full"
+
+
+class StreamLost(GatewayError):
+    """The instance that ran a stream stopped without ending it (it crashed or was killed)."""
+
+    status = 502
+    error_type = "stream_lost"
+    retryable = True
 
 
 class Cancelled(GatewayError):

@@ -2,7 +2,7 @@
 
 Start on A, resume on B; stop from B what runs on A; a rate limit and a
 concurrency cap that hold across both; a reader on B that keeps A's stream
-alive past the grace; and Redis going away mid-stream.
+alive past the grace; A killed mid-stream; and Redis going away mid-stream.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Instance:
         return self
 
     def stop(self) -> None:
-        self.proc.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait(10)
 
 
@@ -236,3 +237,31 @@ def test_redis_going_away_mid_stream_ends_it_cleanly(fake):
     finally:
         inst.stop()
         redis.stop()
+
+
+def test_a_crashed_instance_s_stream_ends_honestly_for_its_readers(fake, redis_server):
+    a, b = pair(fake, redis_server.url)
+    try:
+        fake.default = LONG
+        sid, path = start(a)
+        events: list[ServerSentEvent] = []
+        with httpx.stream("GET", b.url + path, timeout=20) as r:
+            for ev in EventSource(r).iter_sse():
+                events.append(ev)
+                if len(events) == 4:
+                    a.stop()  # SIGKILL: no drain, no end written by A
+                    killed = time.monotonic()
+        assert time.monotonic() - killed < 10.0  # the owner's heartbeat lapses, then the end
+        assert [e.id for e in events] == ids(sid, events)
+        assert [e.event for e in events[-3:]] == ["error", "end", "message"]
+        assert orjson.loads(events[-3].data)["error"]["code"] == "instance_lost"
+        assert orjson.loads(events[-2].data)["finish_reason"] == "error"
+        # Every later reader sees the same single ending.
+        again = read(b.url + path)
+        assert [e.id for e in again] == [e.id for e in events[: len(again)]]
+        assert [e.event for e in again].count("end") == 1
+        r = httpx.get(b.url + path, headers={"Last-Event-ID": events[-1].id})
+        assert r.status_code == 204
+    finally:
+        a.stop()
+        b.stop()

@@ -24,7 +24,6 @@ from app.api.deps import (
     State,
     client_id,
     json_body,
-    opening,
     require_key,
     require_key_or_token,
     validate,
@@ -55,13 +54,9 @@ async def create_stream(request: Request, state: State, rid: RequestId) -> Respo
     state.router.refuse_if_draining()
     slot = await state.limits.admit(client_id(request))
     chat = body.to_request(rid, "/chat/streams")
-    try:
-        run = await state.streams.start(
-            client_id(request), route.name, opening(state.router, route, chat, slot)
-        )
-    except BaseException:
-        await slot.release()
-        raise
+    run = await state.streams.start(
+        client_id(request), route.name, lambda: state.router.open(route, chat), slot=slot
+    )
     url = f"/chat/streams/{run.sid}/events"
     return Response(
         dumps({"id": run.sid, "events_url": url}),

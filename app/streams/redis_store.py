@@ -2,14 +2,20 @@
 
 Keys (under ``GATEWAY_REDIS_PREFIX``):
 
-- ``stream:<id>``: a hash, ``client`` (who may read it) and ``state``
-  (``running`` / ``ended``);
+- ``stream:<id>``: a hash, ``client`` (who may read it), ``owner`` (the
+  instance that runs it) and ``state`` (``running`` / ``ended``);
 - ``stream:<id>:log``: a Redis Stream, one entry per SSE frame, with the
   explicit id ``0-<n+1>`` for frame ``n``. A reader resumes after frame ``n``
   with ``XREAD`` from ``0-<n+1>`` and follows it live with ``BLOCK``; and a
   second writer could never interleave (ids must grow).
 - ``stream:<id>:reader``: a lease that readers renew while they follow; the
   owner counts it as a reader when deciding on the resume grace.
+
+- ``instance:<id>``: each instance's heartbeat (renewed every second,
+  expiring after ``OWNER_TTL_S``). A reader that finds its stream's owner
+  gone (crashed, killed) ends the log itself: ``error`` (``instance_lost``),
+  ``end`` and ``[DONE]``, appended by a script only if the log is still
+  where the reader saw it end, so that a stream never gets two endings.
 
 Both keys of a running stream expire after the longest a stream can run plus
 the TTL, and ``GATEWAY_STREAM_TTL_S`` after its end. Cancels go to every
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from typing import Any
 
 import redis.asyncio as redis
@@ -31,8 +39,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from app.errors import StoreUnavailable
+from app.errors import StoreUnavailable, StreamLost
 from app.streams.store import DONE_TAIL, Meta
+from app.wire.simple import ending_frames
 
 log = logging.getLogger("app.streams")
 
@@ -40,6 +49,28 @@ log = logging.getLogger("app.streams")
 # that a reader notices a closing instance or an expired stream.
 LEASE_S = 2.0
 _BLOCK_MS = int(LEASE_S * 1000 / 3)
+# An instance's heartbeat outlives a few missed renewals (every HEARTBEAT_S).
+HEARTBEAT_S = 1.0
+OWNER_TTL_S = 4.0
+
+# KEYS: the stream's hash, its log. ARGV: the log's last entry id as the
+# reader saw it, the TTL, then the frames that end it.
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local tail = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local last = '0-0'
+if #tail > 0 then last = tail[1][1] end
+if last ~= ARGV[1] then return 0 end
+local n = tonumber(string.match(last, '-(%d+)$'))
+for i = 3, #ARGV do
+  n = n + 1
+  redis.call('XADD', KEYS[2], '0-' .. n, 'f', ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'state', 'ended')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 def connect(url: str) -> Any:
@@ -69,6 +100,8 @@ class RedisStore:
         self.run_ttl = max(1, round(run_ttl_s))
         self.channel = prefix + "cancel"
         self.closing = False  # set when this instance exits: readers return (clients reconnect)
+        self.instance = secrets.token_hex(8)
+        self._abandon = client.register_script(_ABANDON)
 
     def _key(self, sid: str) -> str:
         return f"{self.prefix}stream:{sid}"
@@ -77,7 +110,9 @@ class RedisStore:
         key = self._key(sid)
         try:
             async with self.r.pipeline(transaction=False) as pipe:
-                pipe.hset(key, mapping={"client": client, "state": "running"})
+                pipe.hset(
+                    key, mapping={"client": client, "owner": self.instance, "state": "running"}
+                )
                 pipe.expire(key, self.run_ttl)
                 await pipe.execute()
         except RedisError as exc:
@@ -134,8 +169,12 @@ class RedisStore:
                     await r.set(lease, b"1", px=int(LEASE_S * 1000))
                     renew_at = loop.time() + LEASE_S / 3
                 found = await r.xread({log_key: last}, block=_BLOCK_MS)
-                if not found and not await r.exists(key):
-                    return  # expired while no owner wrote an end (its instance is gone)
+                if not found:
+                    owner = await r.hget(key, "owner")
+                    if owner is None:
+                        return  # expired
+                    if not await r.exists(f"{self.prefix}instance:{owner.decode()}"):
+                        await self._end_abandoned(sid, last)
             except RedisError as exc:
                 raise unavailable(exc) from None
             if not found:
@@ -146,6 +185,18 @@ class RedisStore:
             yield _number(last), data
             if data.endswith(DONE_TAIL):
                 return
+
+    async def _end_abandoned(self, sid: str, last: bytes | str) -> None:
+        """The owner is gone: end the log (unless it moved on or ended meanwhile)."""
+        last = last.decode() if isinstance(last, bytes) else last
+        lost = StreamLost(
+            "the gateway instance running this stream stopped; send the request again",
+            code="instance_lost",
+        )
+        frames = ending_frames(sid, int(last.partition("-")[2]), lost)
+        key = self._key(sid)
+        if await self._abandon(keys=[key, key + ":log"], args=[last, self.ttl, *frames]):
+            log.warning("stream %s: its instance is gone; ended it", sid)
 
     async def has_reader(self, sid: str) -> bool:
         try:
@@ -160,6 +211,20 @@ class RedisStore:
             raise unavailable(exc) from None
 
     async def listen(self, on_cancel: Callable[[str], None]) -> None:
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            await self._listen(on_cancel)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self) -> None:
+        key = f"{self.prefix}instance:{self.instance}"
+        while True:
+            with suppress(RedisError):
+                await self.r.set(key, b"1", px=int(OWNER_TTL_S * 1000))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _listen(self, on_cancel: Callable[[str], None]) -> None:
         while True:
             pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:

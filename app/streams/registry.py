@@ -28,7 +28,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 
 import orjson
@@ -43,12 +43,15 @@ from app.errors import (
     StreamLogFull,
 )
 from app.events import ChatEvent, End, Error, Start, TextDelta, ToolCallDelta
+from app.limits import NO_SLOT, Slot
 from app.relay import Generation
 from app.streams.store import Store
 from app.wire.simple import SimpleStreamEncoder, ending_frames
 from app.wire.sse import retry_hint
 
 log = logging.getLogger("app.streams")
+
+Opener = Callable[[], Awaitable[Generation]]
 
 
 def new_stream_id() -> str:
@@ -127,6 +130,7 @@ class Streams:
     # -- lifecycle -----------------------------------------------------------
 
     def start_listening(self) -> None:
+        """Take cancels from other instances (and, with Redis, say this instance is alive)."""
         self._listener = asyncio.get_running_loop().create_task(self.store.listen(self._on_cancel))
 
     async def aclose(self) -> None:
@@ -147,26 +151,31 @@ class Streams:
         self,
         client: str,
         name: str,
-        opening: Generation | Awaitable[Generation],
+        opening: Generation | Opener,
         *,
+        slot: Slot = NO_SLOT,
         reading: bool = False,
     ) -> Run:
-        """Register a stream and run it. ``opening`` is an opened generation or one opening;
-        ``reading``: the caller reads it at once (``read_new``), so no grace starts."""
+        """Register a stream and run it.
+
+        ``opening`` is an opened generation, or what opens one in the stream's
+        task (``slot``, its place under the concurrency cap, is then held until
+        the generation is over). ``reading``: the caller reads it at once
+        (``read_new``), so no grace starts.
+        """
         sid = new_stream_id()
         run = Run(sid, client, name)
         try:
             await self.store.create(sid, client)
-        except StoreUnavailable:
+        except BaseException:
             if isinstance(opening, Generation):
                 await opening.aclose()
-            elif asyncio.iscoroutine(opening):
-                opening.close()
+            await slot.release()
             raise
         if isinstance(opening, Generation):
             run.gen = opening
         self.runs[sid] = run
-        run.task = asyncio.get_running_loop().create_task(self._produce(run, opening))
+        run.task = asyncio.get_running_loop().create_task(self._produce(run, opening, slot))
         if reading:
             run.readers = 1
         else:
@@ -177,7 +186,7 @@ class Streams:
         """The whole stream, for the reader ``start(reading=True)`` counted."""
         return self._read(run.sid, -1, run)
 
-    async def _produce(self, run: Run, opening: Generation | Awaitable[Generation]) -> None:
+    async def _produce(self, run: Run, opening: Generation | Opener, slot: Slot) -> None:
         store, sid = self.store, run.sid
         enc = SimpleStreamEncoder(sid)
         broken = False
@@ -185,9 +194,15 @@ class Streams:
             gen = run.gen
             if gen is None:
                 assert not isinstance(opening, Generation)
-                gen = await self._open(run, opening, enc)
+                try:
+                    gen = await self._open(run, opening, enc)
+                except BaseException:
+                    await slot.release()
+                    raise
                 if gen is None:
+                    await slot.release()
                     return
+                gen.on_close = slot.release
             elif run.stopping is not None:
                 gen.stop(run.stopping)
             max_events, max_bytes = self.max_events, self.max_bytes
@@ -235,17 +250,15 @@ class Streams:
                 with suppress(StoreUnavailable):
                     await store.finish(sid)
 
-    async def _open(
-        self, run: Run, opening: Awaitable[Generation], enc: SimpleStreamEncoder
-    ) -> Generation | None:
-        """Wait for the generation to open; log how it ended when it does not."""
+    async def _open(self, run: Run, opening: Opener, enc: SimpleStreamEncoder) -> Generation | None:
+        """Open the generation; log how the stream ended when it does not."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         failure: GatewayError | None = run.stopping
         if failure is None:
             run.opening = True
             try:
-                gen = await opening
+                gen = await opening()
             except GatewayError as exc:
                 failure = exc
             except asyncio.CancelledError:
@@ -260,8 +273,6 @@ class Streams:
                 return gen
             finally:
                 run.opening = False
-        elif asyncio.iscoroutine(opening):
-            opening.close()
         ms = round((loop.time() - started) * 1000)
         batch: list[ChatEvent] = [Start(model=run.name)]
         if isinstance(failure, Cancelled):
@@ -329,7 +340,7 @@ class Streams:
                     data, hint = hint + data, b""
                 yield data
         except StoreUnavailable as exc:
-            yield ending_frames(sid, last + 1, exc)
+            yield b"".join(ending_frames(sid, last + 1, exc))
         finally:
             if run is not None:
                 run.readers -= 1

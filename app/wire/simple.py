@@ -28,13 +28,12 @@ def end_json(end: End) -> dict[str, Any]:
     }
 
 
-def ending_frames(stream_id: str, n: int, error: GatewayError) -> bytes:
-    """``error``, ``end`` and ``[DONE]`` numbered from ``n``, for a stream whose log broke
-    (nothing more about it is known here: usage and model are null)."""
+def ending_frames(stream_id: str, n: int, error: GatewayError) -> list[bytes]:
+    """``error``, ``end`` and ``[DONE]`` numbered from ``n``, for a stream whose log broke or
+    whose owner is gone (nothing more about it is known there: usage and model are null)."""
     enc = SimpleStreamEncoder(stream_id)
     enc.n = n
-    end = End.before_start("error", "", 0)
-    return enc.encode([Error(error), end])
+    return enc.frames([Error(error), End.before_start("error", "", 0)])
 
 
 class SimpleStreamEncoder:
