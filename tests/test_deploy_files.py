@@ -17,8 +17,10 @@ import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+from pydantic import AliasChoices
 
 from app.api.health import router as health_router
 from app.config import Settings
@@ -57,6 +59,13 @@ def gateway_services(services: dict[str, Any]) -> dict[str, Any]:
         if context / build.get("dockerfile", "Dockerfile") == DOCKERFILE:
             found[name] = svc
     return found
+
+
+def environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
 
 
 def seconds(duration: str | int) -> float:
@@ -152,9 +161,7 @@ def test_compose_gateways_drain_and_trust_only_their_network() -> None:
         if net and net.get("ipam")
     }
     for name, svc in gateway_services(spec["services"]).items():
-        env = svc.get("environment") or {}
-        if isinstance(env, list):
-            env = dict(item.split("=", 1) for item in env)
+        env = environment(svc)
         grace = float(env.get("GATEWAY_SHUTDOWN_GRACE_S", 0))
         grace = max(grace, Settings.model_fields["shutdown_grace_s"].default)
         assert seconds(svc["stop_grace_period"]) > grace + AFTER_GRACE_S, name
@@ -168,3 +175,41 @@ def test_compose_gateways_drain_and_trust_only_their_network() -> None:
         assert nets, f"{name} is on no network with a fixed subnet"
         for subnet in nets:
             assert any(subnet.subnet_of(t) for t in trusted if t.version == subnet.version), name
+
+
+def test_compose_gateways_share_the_compose_redis() -> None:
+    services = compose()["services"]
+    gateways = gateway_services(services)
+    urls = {name: environment(svc).get("GATEWAY_REDIS_URL") for name, svc in gateways.items()}
+    # One store for all: a reconnect landing on another replica resumes its stream.
+    assert len(set(urls.values())) == 1 and None not in urls.values(), urls
+    url = next(iter(urls.values()))
+    assert Settings(redis_url=url).redis_url == url  # passes the gateway's own validation
+    parsed = urlsplit(url)
+    redis = services.get(parsed.hostname or "")
+    assert redis is not None, f"{url}: {parsed.hostname!r} is not a compose service"
+    assert str(redis.get("image", "")).split(":")[0].endswith("redis"), redis.get("image")
+    assert (parsed.port or 6379) == 6379 and "--port" not in (redis.get("command") or [])
+    # Started by a plain `docker compose up`, and reachable from every gateway.
+    assert not redis.get("profiles"), "redis must not hide behind a profile"
+    redis_nets = set(redis.get("networks") or ["default"])
+    for name, svc in gateways.items():
+        assert redis_nets & set(svc.get("networks") or ["default"]), name
+
+    # The gateways start once Redis answers (they refuse resumable streams until then).
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    for name, svc in gateways.items():
+        depends = svc.get("depends_on") or {}
+        assert isinstance(depends, dict), f"{name}: depends_on needs condition: service_healthy"
+        assert depends.get(parsed.hostname, {}).get("condition") == "service_healthy", name
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    example = ROOT / ".env.example"
+    listed = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example.read_text(), re.M))
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = alias.choices[0] if isinstance(alias, AliasChoices) else f"GATEWAY_{name.upper()}"
+        assert env in listed, f"{env} is missing from .env.example"
+    # The values listed are the defaults (both read the same process environment).
+    assert Settings(_env_file=example).model_dump() == Settings(_env_file=None).model_dump()

@@ -1,8 +1,9 @@
-"""The README's `fetch` and `EventSource` examples, run as written in headless Chromium."""
+"""The README's browser examples, run as written in headless Chromium, and its curl example."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,12 +15,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def example(after: str) -> str:
-    """The first ```js block after the line that starts with ``after``."""
+def example(after: str, lang: str = "js") -> str:
+    """The first ```lang block after the line that starts with ``after``."""
     text = README.read_text()
     start = text.index(after)
-    match = re.compile(r"```js\n(.*?)```", re.S).search(text, start)
-    assert match is not None, f"no js example after {after!r}"
+    match = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, start)
+    assert match is not None, f"no {lang} example after {after!r}"
     return match.group(1)
 
 
@@ -66,4 +67,69 @@ def test_the_eventsource_example_gets_the_whole_text_and_does_not_reconnect(page
     # Past the longest jittered retry hint (3.6 s): the browser did not reconnect.
     time.sleep(4)
     assert len(requests) == 1
+    assert len([a for a in openai_fake.attempts if a.method == "POST"]) == 1
+
+
+def wait_closed(es: str) -> str:
+    return (
+        "await new Promise((done) => { const t = setInterval(() => {"
+        f" if ({es}.readyState === EventSource.CLOSED) {{ clearInterval(t); done(); }} }}, 20);"
+        " });"
+    )
+
+
+def test_the_resumable_example_resumes_after_a_drop_and_stops_on_done(page, openai_fake):
+    code = example("In the browser, `EventSource` does the resuming")
+    # The first connection is cut after event 2 (no [DONE]): the browser must come
+    # back by itself with Last-Event-ID and get the rest from the same generation.
+    reads: list[str] = []
+
+    def drop_the_first(route) -> None:
+        reads.append(route.request.url)
+        if len(reads) > 1:
+            route.continue_()
+            return
+        body = route.fetch().text()
+        cut = body.index(":3\n")
+        route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=body[: body.rindex("\n\n", 0, cut) + 2],
+        )
+
+    page.route(re.compile(r"/chat/streams/gen_[0-9a-f]{32}/events$"), drop_the_first)
+    text = page.evaluate("async () => {" + code + "; " + wait_closed("es") + " return text; }")
+    # Chromium adds Last-Event-ID below what the route sees; the text shows it was
+    # sent: without it the second read would start over and repeat "Hello, ".
+    assert text == "Hello, browser\n!"
+    assert len(reads) == 2 and reads[0] == reads[1]
+    # Past the longest jittered retry hint (3.6 s): no reconnect after [DONE].
+    time.sleep(4)
+    assert len(reads) == 2
+    assert len([a for a in openai_fake.attempts if a.method == "POST"]) == 1
+
+
+def test_the_curl_example_resumes_and_stops(make_gateway, openai_fake):
+    gw = make_gateway(openai_fake=openai_fake, default_model="openai/gpt-4o-mini")
+    openai_fake.default = Scenario(chunks=[f"w{i} " for i in range(400)], interval=0.02)
+    code = example("With curl, while `make run`", "sh")
+    assert code.startswith("GW=http://127.0.0.1:8000\n")
+    code = f"GW={gw.url}\n" + code.split("\n", 1)[1]
+    out = subprocess.run(
+        ["bash", "-c", code], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    found = re.search(r"^id: (gen_[0-9a-f]{32}):0$", out, re.M)
+    assert found is not None, out[-2000:]
+    sid = found.group(1)
+    ids = [int(n) for n in re.findall(rf"^id: {sid}:(\d+)$", out, re.M)]
+    # Two reads: from the start, then after event 3; each contiguous, both cut by --max-time.
+    split = next(i for i in range(1, len(ids)) if ids[i] <= ids[i - 1])
+    first, resumed = ids[:split], ids[split:]
+    assert first == list(range(len(first))) and len(first) > 4
+    assert resumed == list(range(4, 4 + len(resumed))) and resumed[-1] >= first[-1]
+    # The DELETE stopped the generation while it still ran, and closed its upstream.
+    assert "[DONE]" not in out
+    assert out.endswith(f'{{"id":"{sid}","status":"ended","finish_reason":"cancelled"}}')
+    openai_fake.wait_closed(0, timeout=3)
+    assert not openai_fake.attempts[0].completed
     assert len([a for a in openai_fake.attempts if a.method == "POST"]) == 1
