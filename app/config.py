@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    def longest_stream_s(self) -> float:
+        """The longest a generation can run: the largest total timeout, and the resume grace."""
+        totals = [p.total_timeout_s for p in self.providers.values() if p.total_timeout_s]
+        return max([self.total_timeout_s, *totals]) + self.resume_grace_s
+
     def provider_configs(self) -> dict[str, ProviderConfig]:
         """Every configured provider by name: built-ins from credentials, then GATEWAY_PROVIDERS."""
         found: dict[str, ProviderConfig] = {}

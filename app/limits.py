@@ -199,5 +199,5 @@ def make_rate_limits(settings: Settings, redis_client: Any | None) -> RateLimits
     if redis_client is None:
         return MemoryLimits(rpm, cap)
     # A slot outlives the longest a generation can run (and the resume grace).
-    lease = settings.total_timeout_s + settings.resume_grace_s + 60
+    lease = settings.longest_stream_s() + 60
     return RedisLimits(redis_client, settings.redis_prefix, rpm, cap, lease)

@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         redis_client = connect(settings.redis_url)
     streams = make_streams(settings, redis_client)
-    drain = Drain(router, settings.shutdown_grace_s)
+    drain = Drain(router, settings.shutdown_grace_s, streams)
     # Readers of streams that run on other instances: clients reconnect elsewhere.
     drain.before_exit.append(lambda: setattr(streams.store, "closing", True))
     state = GatewayState(

@@ -30,7 +30,13 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Literal
 
-from app.errors import Cancelled, GatewayError, UpstreamTimeout, UpstreamTruncated
+from app.errors import (
+    Cancelled,
+    GatewayError,
+    ShuttingDown,
+    UpstreamTimeout,
+    UpstreamTruncated,
+)
 from app.events import (
     ChatEvent,
     End,
@@ -441,7 +447,11 @@ class Generation:
                     )
                 current = self._opened
                 assert current is not None
-                fo.settle(current, failure)
+                if failure is not None and failure is self._stop:
+                    # Stopped from outside: not the upstream's fault (no circuit count).
+                    fo.settle(current, None, cancelled=True)
+                else:
+                    fo.settle(current, failure)
                 if failure is None:
                     if self.output_tokens is not None:
                         # Send the end now; the upstream body may finish (or not)
@@ -482,10 +492,12 @@ class Generation:
                 self.model, self.provider = self._original_target
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             if failure is self._stop:
-                reason = "cancelled"
+                # A stop by the client or a shutdown ends "cancelled"; one forced by a
+                # failure of the gateway itself (its replay log) ends "error".
                 if isinstance(failure, Cancelled):
-                    yield self._held([self.end(reason)])
+                    yield self._held([self.end("cancelled")])
                     return
+                reason = "cancelled" if isinstance(failure, ShuttingDown) else "error"
             yield self._held([Error(failure), self.end(reason)])
         else:
             assert self.finish is not None
@@ -547,13 +559,16 @@ class Generation:
 
     async def aclose(self) -> None:
         self._fo.router.active.discard(self)
-        on_close, self.on_close = self.on_close, None
-        if on_close is not None:
-            await on_close()
         if self._wd is not None:
             self._wd.stop()
         opened = self._opened
         if opened is not None and not opened.settled:
             self._fo.settle(opened, None, cancelled=True)
-        if self._it is not None:
-            await close_stream(self._it)
+        try:
+            if self._it is not None:
+                await close_stream(self._it)
+        finally:
+            # Last: freeing the slot may wait on Redis; the upstream is closed first.
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                await on_close()

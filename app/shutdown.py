@@ -28,6 +28,7 @@ from typing import Any
 
 from app.errors import ShuttingDown
 from app.routing import Router
+from app.streams import Streams
 
 log = logging.getLogger("app.shutdown")
 
@@ -37,8 +38,9 @@ _FLUSH_S = 5.0
 
 
 class Drain:
-    def __init__(self, router: Router, grace_s: float) -> None:
+    def __init__(self, router: Router, grace_s: float, streams: Streams | None = None) -> None:
         self.router = router
+        self.streams = streams
         self.grace_s = grace_s
         self.task: asyncio.Task[None] | None = None
         self._previous: dict[int, Any] = {}
@@ -80,22 +82,28 @@ class Drain:
     async def _run(self, then: Callable[[], None] | None) -> None:
         router = self.router
         loop = asyncio.get_running_loop()
-        log.info("shutdown: draining %d streams for up to %.0f s", len(router.active), self.grace_s)
+        streams = self.streams
+
+        def running() -> int:
+            # Resumable streams still opening are not in router.active yet.
+            return len(router.active) + (len(streams.runs) if streams is not None else 0)
+
+        log.info("shutdown: draining %d streams for up to %.0f s", running(), self.grace_s)
         deadline = loop.time() + self.grace_s
         # Polled: this runs once per process lifetime, and keeps the hot path free.
-        while router.active and loop.time() < deadline:  # noqa: ASYNC110
+        while running() and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        if router.active:
-            log.info("shutdown: ending %d streams after the grace period", len(router.active))
+        if running():
+            log.info("shutdown: ending %d streams after the grace period", running())
+            reason = ShuttingDown(
+                "the server is shutting down; the answer was cut short", code="shutting_down"
+            )
             for gen in list(router.active):
-                gen.stop(
-                    ShuttingDown(
-                        "the server is shutting down; the answer was cut short",
-                        code="shutting_down",
-                    )
-                )
+                gen.stop(reason)
+            if streams is not None:
+                streams.stop_all(reason)
             deadline = loop.time() + _FLUSH_S
-            while router.active and loop.time() < deadline:  # noqa: ASYNC110
+            while running() and loop.time() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         for hook in self.before_exit:
             hook()

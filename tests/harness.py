@@ -121,10 +121,11 @@ def fake_providers(openai_fake: Any = None, anthropic_fake: Any = None) -> dict[
 
 
 def read_sse(response: Any) -> list[Any]:
-    """All events of a simple-protocol response, through httpx-sse."""
+    """The events of a simple-protocol response a browser would dispatch, through httpx-sse
+    (which also reports a blank line after an ``id:`` alone, as a resumable stream sends first)."""
     from httpx_sse import EventSource
 
-    return list(EventSource(response).iter_sse())
+    return [e for e in EventSource(response).iter_sse() if e.data or e.event != "message"]
 
 
 @pytest.fixture

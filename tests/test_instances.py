@@ -24,6 +24,12 @@ from tests.fakes import OpenAIFake, Scenario
 from tests.harness import free_port, gateway_env, wait_until_serving
 from tests.redis_server import RedisServer
 
+
+def sse(response: Any) -> Iterator[ServerSentEvent]:
+    """The events a browser would dispatch (an id with no data, sent first, is not one)."""
+    return (e for e in EventSource(response).iter_sse() if e.data or e.event != "message")
+
+
 CHUNKS = [f"t{i} " for i in range(40)]
 LONG = Scenario(chunks=[f"w{i}" for i in range(500)], interval=0.02)
 
@@ -99,7 +105,7 @@ def read(url: str, *, last: str | None = None, content: int | None = None, **kw:
     with httpx.stream("GET", url, headers=headers, timeout=15, **kw) as r:
         assert r.status_code == 200, r.read()
         seen = 0
-        for ev in EventSource(r).iter_sse():
+        for ev in sse(r):
             events.append(ev)
             if ev.event == "message" and ev.data != "[DONE]":
                 seen += 1
@@ -212,7 +218,7 @@ def test_redis_going_away_mid_stream_ends_it_cleanly(fake):
         sid, path = start(inst)
         events: list[ServerSentEvent] = []
         with httpx.stream("GET", inst.url + path, timeout=15) as r:
-            for ev in EventSource(r).iter_sse():
+            for ev in sse(r):
                 events.append(ev)
                 if len(events) == 4:
                     redis.stop()
@@ -234,6 +240,11 @@ def test_redis_going_away_mid_stream_ends_it_cleanly(fake):
         assert r.json()["error"]["code"] == "store_unavailable"
         assert r.headers["retry-after"] == "1"
         assert "redis://" not in r.text
+        # The EventSource route finds out before it calls any upstream.
+        before = len(fake.attempts)
+        r = httpx.get(inst.url + "/chat/stream", params={"prompt": "hi"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert len(fake.attempts) == before
     finally:
         inst.stop()
         redis.stop()
@@ -246,7 +257,7 @@ def test_a_crashed_instance_s_stream_ends_honestly_for_its_readers(fake, redis_s
         sid, path = start(a)
         events: list[ServerSentEvent] = []
         with httpx.stream("GET", b.url + path, timeout=20) as r:
-            for ev in EventSource(r).iter_sse():
+            for ev in sse(r):
                 events.append(ev)
                 if len(events) == 4:
                     a.stop()  # SIGKILL: no drain, no end written by A

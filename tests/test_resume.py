@@ -7,8 +7,10 @@ how many generations the fake upstream saw.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +18,15 @@ import orjson
 import pytest
 from httpx_sse import EventSource, ServerSentEvent
 
+from app.errors import StoreUnavailable
+from app.wire.simple import ending_frames
 from tests.fakes import Scenario
+
+
+def sse(response: Any) -> Iterator[ServerSentEvent]:
+    """The events a browser would dispatch (an id with no data, sent first, is not one)."""
+    return (e for e in EventSource(response).iter_sse() if e.data or e.event != "message")
+
 
 CHUNKS = [f"t{i} " for i in range(40)]
 DRIP = Scenario(chunks=CHUNKS, interval=0.03)
@@ -55,7 +65,7 @@ def read(url: str, *, last: str | None = None, content: int | None = None, **kw:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         seen = 0
-        for ev in EventSource(r).iter_sse():
+        for ev in sse(r):
             events.append(ev)
             if ev.event == "message" and ev.data != "[DONE]":
                 seen += 1
@@ -133,15 +143,26 @@ def test_unknown_stream_404(gw, path, status, code):
 def test_bad_last_event_id_400(gw):
     sid, url = start(gw)
     for bad, why in [
-        ("garbage", "expected"),
+        (f"{sid}:x", "expected"),
+        (f"{sid}:\u00b2", "expected"),  # a digit, but not an ASCII one
         ("gen_other:3", "another stream"),
         (f"{sid}:99999", "never sent"),
     ]:
-        r = httpx.get(url, headers={"Last-Event-ID": bad})
-        assert r.status_code == 400, bad
-        err = r.json()["error"]
-        assert err["code"] == "invalid_last_event_id" and why in err["message"]
-        assert err["param"] == "last_event_id"
+        for r in (
+            httpx.get(url, params={"last_event_id": bad}),
+            httpx.get(url, headers={"Last-Event-ID": bad.encode()}),
+        ):
+            assert r.status_code == 400, bad
+            err = r.json()["error"]
+            assert err["code"] == "invalid_last_event_id" and why in err["message"]
+            assert err["param"] == "last_event_id"
+    # Ids the gateway never issues are unknown, whatever they hold (they name Redis keys).
+    for path in (f"{sid}:log", f"{sid}:reader", "gen_" + "0" * 32 + "x"):
+        r = httpx.get(gw.url + f"/chat/streams/{path}/events")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "stream_not_found"
+        assert httpx.delete(gw.url + f"/chat/streams/{path}").status_code == 404
+    r = httpx.get(gw.url + "/chat/stream", headers={"Last-Event-ID": f"{sid}:log:1"})
+    assert r.status_code == 404
     read(url)
 
 
@@ -175,7 +196,7 @@ def test_delete_while_a_reader_follows_ends_its_stream(gw, openai_fake):
     sid, url = start(gw)
     events: list[ServerSentEvent] = []
     with httpx.stream("GET", url, timeout=10) as r:
-        for ev in EventSource(r).iter_sse():
+        for ev in sse(r):
             events.append(ev)
             if len(events) == 4:
                 assert httpx.delete(gw.url + f"/chat/streams/{sid}").status_code == 200
@@ -253,7 +274,7 @@ def test_post_chat_stream_is_not_resumable_and_stops_at_once(gw, openai_fake):
     openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(400)], interval=0.02)
     with httpx.stream("POST", gw.url + "/chat/stream", json={"prompt": "hi"}) as r:
         events = []
-        for ev in EventSource(r).iter_sse():
+        for ev in sse(r):
             events.append(ev)
             if len(events) == 3:
                 break
@@ -311,3 +332,139 @@ def test_streams_belong_to_the_key_that_started_them(make_gateway, openai_fake, 
     assert r.status_code == 404
     events = read(url + "?access_token=key-a")  # EventSource cannot send headers
     check_whole(sid, events, text="".join(CHUNKS))
+
+
+def test_a_reconnect_before_the_first_token_resumes_the_same_generation(gw, openai_fake):
+    openai_fake.default = Scenario(chunks=CHUNKS[:5], first_token_delay=1.0)
+    url = gw.url + "/chat/stream"
+    with httpx.stream("GET", url, params={"prompt": "hi"}) as r:
+        head = next(r.iter_raw())
+    # Its id comes first, before any event: an id with no data, which a browser
+    # keeps as Last-Event-ID without dispatching anything.
+    found = re.fullmatch(rb"retry: \d+\nid: (gen_[0-9a-f]{32})\n\n", head)
+    assert found is not None, head
+    sid = found.group(1).decode()
+    events = read(url, params={"prompt": "hi"}, last=sid)
+    check_whole(sid, events, text="".join(CHUNKS[:5]))
+    assert len(openai_fake.attempts) == 1
+
+
+def _flaky(gw, method: str, fail_on: set[int]) -> None:
+    """Make the store's ``method`` raise StoreUnavailable on those calls (Redis stays up)."""
+    store = gw.app.state.gateway.streams.store
+    real = getattr(store, method)
+    calls = {"n": 0}
+
+    async def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] in fail_on:
+            raise StoreUnavailable("blip", code="store_unavailable")
+        return await real(*args)
+
+    gw.call(lambda: setattr(store, method, flaky))
+
+
+def test_a_failed_append_ends_the_stream_for_every_reader(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(300)], interval=0.02)
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model=MODEL, circuit_failure_threshold=2, **store
+    )
+    for _ in range(3):
+        _flaky(gw, "append", {5})
+        openai_fake.reset_record()
+        sid, url = start(gw)
+        events = read(url)
+        assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
+        assert [e.event for e in events[-3:]] == ["error", "end", "message"]
+        assert orjson.loads(events[-3].data)["error"]["code"] == "store_unavailable"
+        assert orjson.loads(events[-2].data)["finish_reason"] == "error"
+        openai_fake.wait_closed(0, timeout=3)  # the generation stopped: no tokens for nobody
+        assert not openai_fake.attempts[0].completed
+        r = httpx.get(url, headers={"Last-Event-ID": events[-1].id})
+        assert r.status_code == 204
+        r = httpx.delete(gw.url + f"/chat/streams/{sid}")
+        assert r.status_code == 200 and r.json()["finish_reason"] == "error"
+    # The gateway's own trouble is not the upstream's: its circuit stays closed.
+    openai_fake.default = Scenario(chunks=["ok"])
+    r = httpx.post(gw.url + "/chat/stream", json={"prompt": "hi"})
+    assert r.status_code == 200 and "[DONE]" in r.text
+    assert (
+        httpx.get(gw.url + "/readyz").json()["circuits"].get(MODEL, {}).get("state", "closed")
+        == "closed"
+    )
+
+
+def test_shutdown_ends_a_stream_that_is_still_opening(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=["late"], headers_delay=30)
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, shutdown_grace_s=0.3, **store)
+    _sid, url = start(gw)
+    openai_fake.wait_for_attempts(1, timeout=3)
+    gw.call(lambda: gw.app.state.gateway.drain.begin())
+    events = read(url)
+    assert [e.event for e in events] == ["start", "error", "end", "message"]
+    assert orjson.loads(events[1].data)["error"]["type"] == "server_shutdown"
+    assert orjson.loads(events[2].data)["finish_reason"] == "cancelled"
+    openai_fake.wait_closed(0, timeout=3)
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.005])
+def test_overflow_even_at_full_speed_ends_with_the_error(
+    make_gateway, openai_fake, store, interval
+):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(25)], interval=interval)
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model=MODEL, stream_log_max_events=20, **store
+    )
+    sid, url = start(gw)
+    events = read(url)
+    assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
+    assert [e.event for e in events[-3:]] == ["error", "end", "message"]
+    assert orjson.loads(events[-3].data)["error"]["code"] == "stream_log_full"
+    assert orjson.loads(events[-2].data)["finish_reason"] == "error"
+    assert [e.event for e in events].count("end") == 1
+
+
+def test_a_stand_in_ending_carries_no_ids():
+    frames = ending_frames("gen_" + "a" * 32, None, StoreUnavailable("x", code="store_unavailable"))
+    assert len(frames) == 3 and not any(b"id:" in f for f in frames)
+    assert frames[-1] == b"data: [DONE]\n\n"
+
+
+def test_redis_losing_the_stream_answers_404(make_gateway, openai_fake, redis_server):
+    import redis as redis_py
+
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(100)], interval=0.02)
+    prefix = f"t{secrets.token_hex(4)}:"
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model=MODEL,
+        redis_url=redis_server.url,
+        redis_prefix=prefix,
+    )
+    sid, url = start(gw)
+    first = read(url, content=3)
+    client = redis_py.Redis.from_url(redis_server.url)
+    for key in client.scan_iter(prefix + "stream:*"):
+        client.delete(key)  # what a Redis restarted without persistence has lost
+    client.close()
+    time.sleep(0.2)
+    r = httpx.get(url, headers={"Last-Event-ID": first[-1].id})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "stream_not_found"
+    assert httpx.delete(gw.url + f"/chat/streams/{sid}").status_code == 404
+
+
+def test_a_failed_finish_after_done_still_answers_204(make_gateway, openai_fake, redis_server):
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model=MODEL,
+        redis_url=redis_server.url,
+        redis_prefix=f"t{secrets.token_hex(4)}:",
+    )
+    _flaky(gw, "finish", {1})
+    _sid, url = start(gw)
+    events = read(url)
+    time.sleep(0.2)
+    r = httpx.get(url, headers={"Last-Event-ID": events[-1].id})
+    assert r.status_code == 204
+    again = read(url)
+    assert [e.event for e in again].count("end") == 1

@@ -83,8 +83,15 @@ async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Res
         return await resume(state, rid, sid, client_id(request), n)
     body = _query_body(request)
     route = state.router.resolve(body.model)
-    gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
-    run = await state.streams.start(client_id(request), gen.model, gen, reading=True)
+    state.router.refuse_if_draining()
+    # The stream's record first: with the store down, no upstream call is made.
+    run = await state.streams.reserve(client_id(request), route.name)
+    try:
+        gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
+    except BaseException:
+        await state.streams.discard(run)
+        raise
+    state.streams.launch(run, gen, reading=True)
     return sse_response(
         state.streams.read_new(run),
         request_id=rid,

@@ -19,6 +19,6 @@ def make_streams(settings: Settings, redis_client: Any | None) -> Streams:
         from app.streams.redis_store import RedisStore
 
         # A running stream's keys outlive the longest it can run.
-        run_ttl = settings.total_timeout_s + settings.resume_grace_s + settings.stream_ttl_s
+        run_ttl = settings.longest_stream_s() + settings.stream_ttl_s
         store = RedisStore(redis_client, settings.redis_prefix, settings.stream_ttl_s, run_ttl)
     return Streams(settings, store)

@@ -21,8 +21,15 @@ Both keys of a running stream expire after the longest a stream can run plus
 the TTL, and ``GATEWAY_STREAM_TTL_S`` after its end. Cancels go to every
 instance on the ``cancel`` pub/sub channel; the owner acts on them.
 
+Readers on the instance that runs a stream follow a copy of its log kept in
+this process while it runs (appended after Redis took each batch, so both
+agree on every id): no Redis round trip and no connection held per local
+reader. Readers elsewhere each hold a connection in a blocking ``XREAD``.
+
 Every Redis failure becomes ``StoreUnavailable``: a 503 before a stream, a
-clean ``error`` + ``end`` + ``[DONE]`` during one.
+clean ``error`` + ``end`` + ``[DONE]`` during one (the owner marks the
+stream ``failed`` where it still can, and readers elsewhere end their own
+clients' streams when they see it).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from app.errors import StoreUnavailable, StreamLost
-from app.streams.store import DONE_TAIL, Meta
+from app.streams.store import DONE_TAIL, Log, Meta
 from app.wire.simple import ending_frames
 
 log = logging.getLogger("app.streams")
@@ -59,7 +66,11 @@ _ABANDON = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 local tail = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local last = '0-0'
-if #tail > 0 then last = tail[1][1] end
+if #tail > 0 then
+  last = tail[1][1]
+  -- Already over: [DONE] is logged (only marking it ended failed).
+  if string.sub(tail[1][2][2], -14) == 'data: [DONE]\\n\\n' then return 0 end
+end
 if last ~= ARGV[1] then return 0 end
 local n = tonumber(string.match(last, '-(%d+)$'))
 for i = 3, #ARGV do
@@ -77,6 +88,10 @@ def connect(url: str) -> Any:
     """A client for ``url`` (no connection is made until first use)."""
     return redis.Redis.from_url(
         url,
+        # A reader of a stream running on another instance holds one in XREAD
+        # BLOCK; redis-py's default cap (100) would fail the 101st. A
+        # ``max_connections`` in the URL wins.
+        max_connections=10_000,
         socket_connect_timeout=2,
         socket_timeout=5,  # longer than any XREAD block
         health_check_interval=10,
@@ -102,6 +117,7 @@ class RedisStore:
         self.closing = False  # set when this instance exits: readers return (clients reconnect)
         self.instance = secrets.token_hex(8)
         self._abandon = client.register_script(_ABANDON)
+        self._local: dict[str, Log] = {}  # the streams this instance runs
 
     def _key(self, sid: str) -> str:
         return f"{self.prefix}stream:{sid}"
@@ -117,6 +133,7 @@ class RedisStore:
                 await pipe.execute()
         except RedisError as exc:
             raise unavailable(exc) from None
+        self._local[sid] = Log(client)
 
     async def append(self, sid: str, first: int, frames: list[bytes]) -> None:
         key = self._key(sid) + ":log"
@@ -126,9 +143,14 @@ class RedisStore:
                     pipe.xadd(key, {"f": frame}, id=f"0-{i}")
                 if first == 0:
                     pipe.expire(key, self.run_ttl)
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise unavailable(exc) from None
+        for result in results:
+            # A pipeline re-sent after a lost reply finds its entries there already.
+            if isinstance(result, Exception) and "equal or smaller" not in str(result):
+                raise unavailable(result)
+        self._local[sid].extend(frames)
 
     async def finish(self, sid: str) -> None:
         key = self._key(sid)
@@ -140,6 +162,31 @@ class RedisStore:
                 await pipe.execute()
         except RedisError as exc:
             raise unavailable(exc) from None
+        finally:
+            local = self._local.pop(sid, None)
+            if local is not None:
+                local.extend([], end=True)
+
+    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
+        local = self._local.pop(sid, None)
+        if local is not None:
+            local.extend(frames, end=True)
+        key = self._key(sid)
+        with suppress(RedisError):
+            # A blip: Redis answers again, so the ending goes where every reader
+            # finds it (unless the log is not where this instance left it).
+            args = [f"0-{first}", self.ttl, *frames]
+            if not await self._abandon(keys=[key, key + ":log"], args=args):
+                await self.r.hset(key, "state", "failed")
+
+    async def discard(self, sid: str) -> None:
+        key = self._key(sid)
+        try:
+            await self.r.delete(key, key + ":log")
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        finally:
+            self._local.pop(sid, None)
 
     async def meta(self, sid: str) -> Meta | None:
         key = self._key(sid)
@@ -150,12 +197,21 @@ class RedisStore:
                 fields, tail = await pipe.execute()
         except RedisError as exc:
             raise unavailable(exc) from None
-        if not fields:
-            return None
+        client = fields.get(b"client")
+        if client is None:
+            return None  # expired, or lost (a Redis restarted without persistence)
         last = _number(tail[0][0]) if tail else -1
-        return Meta(fields[b"client"].decode(), fields.get(b"state") == b"ended", last)
+        # A logged [DONE] is the end, even if marking the state failed after it.
+        ended = fields.get(b"state") == b"ended" or bool(
+            tail and tail[0][1][b"f"].endswith(DONE_TAIL)
+        )
+        return Meta(client.decode(), ended, last)
 
-    async def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+        local = self._local.get(sid)
+        return local.follow(after) if local is not None else self._follow(sid, after)
+
+    async def _follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
         key = self._key(sid)
         log_key = key + ":log"
         lease = key + ":reader"
@@ -170,9 +226,13 @@ class RedisStore:
                     renew_at = loop.time() + LEASE_S / 3
                 found = await r.xread({log_key: last}, block=_BLOCK_MS)
                 if not found:
-                    owner = await r.hget(key, "owner")
+                    owner, state = await r.hmget(key, "owner", "state")
                     if owner is None:
                         return  # expired
+                    if state == b"failed":  # its owner could not log its end
+                        raise StoreUnavailable(
+                            "the stream's log could not be kept", code="store_unavailable"
+                        )
                     if not await r.exists(f"{self.prefix}instance:{owner.decode()}"):
                         await self._end_abandoned(sid, last)
             except RedisError as exc:
@@ -230,7 +290,9 @@ class RedisStore:
             try:
                 await pubsub.subscribe(self.channel)
                 while True:
-                    msg = await pubsub.get_message(timeout=None)
+                    # A timeout, not a blocking read: a connection that went
+                    # half-open is found by the health check between reads.
+                    msg = await pubsub.get_message(timeout=5.0)
                     if msg is not None and msg["type"] == "message":
                         on_cancel(msg["data"].decode())
             except (RedisError, OSError) as exc:

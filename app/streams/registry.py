@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
@@ -39,13 +40,14 @@ from app.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    ShuttingDown,
     StoreUnavailable,
     StreamLogFull,
 )
-from app.events import ChatEvent, End, Error, Start, TextDelta, ToolCallDelta
+from app.events import ChatEvent, End, Error, FinishReason, Start
 from app.limits import NO_SLOT, Slot
 from app.relay import Generation
-from app.streams.store import Store
+from app.streams.store import DONE_TAIL, Store
 from app.wire.simple import SimpleStreamEncoder, ending_frames
 from app.wire.sse import retry_hint
 
@@ -54,14 +56,20 @@ log = logging.getLogger("app.streams")
 Opener = Callable[[], Awaitable[Generation]]
 
 
+_ID = re.compile(r"gen_[0-9a-f]{32}")
+
+
 def new_stream_id() -> str:
     return "gen_" + secrets.token_hex(16)  # 128 bits: an id cannot be guessed
 
 
 def parse_event_id(value: str, sid: str | None = None) -> tuple[str, int]:
-    """``<stream>:<n>`` -> (stream, n); a 400 naming the problem otherwise."""
+    """``<stream>:<n>`` -> (stream, n); a bare ``<stream>`` (sent before the first event)
+    -> (stream, -1). A 400 naming the problem otherwise."""
     stream, sep, number = value.rpartition(":")
-    if not sep or not stream or not number.isdigit() or len(number) > 9:
+    if not sep:
+        stream, number = value, ""
+    elif not (number.isascii() and number.isdigit() and len(number) <= 9):
         raise InvalidRequest(
             "Last-Event-ID: expected '<stream id>:<event number>' as sent in the stream's ids",
             param="last_event_id",
@@ -73,11 +81,15 @@ def parse_event_id(value: str, sid: str | None = None) -> tuple[str, int]:
             param="last_event_id",
             code="invalid_last_event_id",
         )
-    return stream, int(number)
+    return stream, int(number) if number else -1
 
 
 def _unknown(sid: str) -> NotFound:
-    return NotFound(f"stream '{sid}' is unknown or expired", code="stream_not_found")
+    return NotFound(f"stream '{sid[:48]}' is unknown or expired", code="stream_not_found")
+
+
+def _ends(batch: list[ChatEvent]) -> bool:
+    return any(isinstance(e, End) for e in batch)
 
 
 class Run:
@@ -115,7 +127,7 @@ class Run:
         if self.gen is not None:
             self.gen.stop(reason)
         elif self.opening and self.task is not None:
-            self.task.cancel()  # the producer logs the cancelled end
+            self.task.cancel()  # the producer logs the end
 
 
 class Streams:
@@ -133,6 +145,11 @@ class Streams:
         """Take cancels from other instances (and, with Redis, say this instance is alive)."""
         self._listener = asyncio.get_running_loop().create_task(self.store.listen(self._on_cancel))
 
+    def stop_all(self, reason: GatewayError) -> None:
+        """Shutdown: end every stream this instance runs (also those still opening)."""
+        for run in list(self.runs.values()):
+            run.stop(reason)
+
     async def aclose(self) -> None:
         tasks = [t for t in (self._listener, *(r.task for r in self.runs.values())) if t]
         for task in tasks:
@@ -147,118 +164,174 @@ class Streams:
 
     # -- owner side ----------------------------------------------------------
 
-    async def start(
+    async def reserve(self, client: str, name: str) -> Run:
+        """Register a stream (in the store first: a store that is down fails here, before
+        any upstream is called)."""
+        run = Run(new_stream_id(), client, name)
+        await self.store.create(run.sid, client)
+        return run
+
+    async def discard(self, run: Run) -> None:
+        """A reserved stream that will not run (its generation failed to open)."""
+        with suppress(StoreUnavailable):
+            await self.store.discard(run.sid)
+
+    def launch(
         self,
-        client: str,
-        name: str,
+        run: Run,
         opening: Generation | Opener,
         *,
         slot: Slot = NO_SLOT,
         reading: bool = False,
-    ) -> Run:
-        """Register a stream and run it.
+    ) -> None:
+        """Run a reserved stream.
 
         ``opening`` is an opened generation, or what opens one in the stream's
         task (``slot``, its place under the concurrency cap, is then held until
         the generation is over). ``reading``: the caller reads it at once
         (``read_new``), so no grace starts.
         """
-        sid = new_stream_id()
-        run = Run(sid, client, name)
-        try:
-            await self.store.create(sid, client)
-        except BaseException:
-            if isinstance(opening, Generation):
-                await opening.aclose()
-            await slot.release()
-            raise
         if isinstance(opening, Generation):
             run.gen = opening
-        self.runs[sid] = run
+        self.runs[run.sid] = run
         run.task = asyncio.get_running_loop().create_task(self._produce(run, opening, slot))
         if reading:
             run.readers = 1
         else:
             self._detached(run)  # the grace runs until a reader comes
+
+    async def start(self, client: str, name: str, opener: Opener, *, slot: Slot) -> Run:
+        """Reserve and launch a stream that nobody reads yet (``POST /chat/streams``)."""
+        try:
+            run = await self.reserve(client, name)
+        except BaseException:
+            await slot.release()
+            raise
+        self.launch(run, opener, slot=slot)
         return run
 
     def read_new(self, run: Run) -> AsyncIterator[bytes]:
-        """The whole stream, for the reader ``start(reading=True)`` counted."""
+        """The whole stream, for the reader ``launch(reading=True)`` counted."""
         return self._read(run.sid, -1, run)
 
     async def _produce(self, run: Run, opening: Generation | Opener, slot: Slot) -> None:
         store, sid = self.store, run.sid
         enc = SimpleStreamEncoder(sid)
-        broken = False
+        trouble: GatewayError | None = None  # the log is full, or the store failed
+        failed = False  # the store failed: nothing more reaches it
+        ended = False  # [DONE] is logged
         try:
             gen = run.gen
             if gen is None:
                 assert not isinstance(opening, Generation)
                 try:
-                    gen = await self._open(run, opening, enc)
+                    opened = await self._open(run, opening)
                 except BaseException:
                     await slot.release()
                     raise
-                if gen is None:
+                if not isinstance(opened, Generation):
                     await slot.release()
+                    first = enc.n
+                    frames = enc.frames(opened)
+                    try:
+                        await store.append(sid, first, frames)
+                        ended = True
+                    except StoreUnavailable:
+                        enc.n, failed = first, True
                     return
+                gen = opened
                 gen.on_close = slot.release
             elif run.stopping is not None:
                 gen.stop(run.stopping)
             max_events, max_bytes = self.max_events, self.max_bytes
             size = 0
-            full = False
             async with aclosing(gen.events()) as events:
                 async for batch in events:
-                    if broken:
-                        continue  # the generation runs to its (stopped) end
-                    first = enc.n
-                    frames = enc.frames(batch)
-                    if not frames:
-                        continue
-                    if not full:
-                        size += sum(map(len, frames))
-                        if size > max_bytes or enc.n > max_events:
-                            full = True
-                            gen.stop(
-                                StreamLogFull(
-                                    "the stream's replay log reached its bound "
-                                    "(GATEWAY_STREAM_LOG_MAX_EVENTS / _MAX_BYTES)",
-                                    code="stream_log_full",
-                                )
-                            )
-                    if full:  # only the closing events from here on
-                        enc.n = first
-                        frames = enc.frames(
-                            [e for e in batch if not isinstance(e, TextDelta | ToolCallDelta)]
-                        )
+                    if trouble is None:
+                        first = enc.n
+                        frames = enc.frames(batch)
                         if not frames:
                             continue
-                    try:
-                        await store.append(sid, first, frames)
-                    except StoreUnavailable as exc:
-                        broken = True
-                        gen.stop(exc)
-        except StoreUnavailable:
-            broken = True
+                        size += sum(map(len, frames))
+                        if size <= max_bytes and enc.n <= max_events:
+                            try:
+                                await store.append(sid, first, frames)
+                                ended = frames[-1].endswith(DONE_TAIL)
+                                continue
+                            except StoreUnavailable as exc:
+                                trouble, failed = exc, True
+                        else:
+                            trouble = StreamLogFull(
+                                "the stream's replay log reached its bound "
+                                "(GATEWAY_STREAM_LOG_MAX_EVENTS / _MAX_BYTES)",
+                                code="stream_log_full",
+                            )
+                        enc.n = first  # that batch is not logged
+                        gen.stop(trouble)
+                    # From here on only the ending is logged, and it is ours: a
+                    # generation that finished meanwhile still ends with the error.
+                    if _ends(batch):
+                        end = next(e for e in batch if isinstance(e, End))
+                        end.finish_reason = "error"
+                        starts = [e for e in batch if isinstance(e, Start)]
+                        frames = enc.frames([*starts, Error(trouble), end])
+                        if not failed:
+                            try:
+                                await store.append(sid, enc.n - len(frames), frames)
+                                ended = True
+                                continue
+                            except StoreUnavailable:
+                                failed = True
+                        await store.fail(sid, enc.n - len(frames), frames)
+                        ended = True
         finally:
             run.done = True
             self.runs.pop(sid, None)
             if run.keeper is not None:
                 run.keeper.cancel()
-            if not broken:
-                with suppress(StoreUnavailable):
-                    await store.finish(sid)
+            await self._settle(run, enc, ended=ended, failed=failed, trouble=trouble)
 
-    async def _open(self, run: Run, opening: Opener, enc: SimpleStreamEncoder) -> Generation | None:
-        """Open the generation; log how the stream ended when it does not."""
+    async def _settle(
+        self,
+        run: Run,
+        enc: SimpleStreamEncoder,
+        *,
+        ended: bool,
+        failed: bool,
+        trouble: GatewayError | None,
+    ) -> None:
+        """After the producer: the log is finished, and never left without its ending."""
+        store, sid = self.store, run.sid
+        if ended and failed:
+            return  # store.fail() wrote the ending where it could
+        if ended:
+            with suppress(StoreUnavailable):
+                await store.finish(sid)
+            return
+        # The producer stopped before logging [DONE] (cancelled at exit, or the
+        # store failed before the generation's end).
+        reason = trouble or ShuttingDown(
+            "the gateway stopped before the stream ended", code="shutting_down"
+        )
+        frames = ending_frames(sid, enc.n, reason)
+        if not failed:
+            try:
+                await store.append(sid, enc.n, frames)
+                await store.finish(sid)
+                return
+            except StoreUnavailable:
+                pass
+        await store.fail(sid, enc.n, frames)
+
+    async def _open(self, run: Run, opener: Opener) -> Generation | list[ChatEvent]:
+        """The generation, or the events that end a stream whose generation did not open."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         failure: GatewayError | None = run.stopping
         if failure is None:
             run.opening = True
             try:
-                gen = await opening()
+                gen = await opener()
             except GatewayError as exc:
                 failure = exc
             except asyncio.CancelledError:
@@ -276,11 +349,9 @@ class Streams:
         ms = round((loop.time() - started) * 1000)
         batch: list[ChatEvent] = [Start(model=run.name)]
         if isinstance(failure, Cancelled):
-            batch.append(End.before_start("cancelled", run.name, ms))
-        else:
-            batch += [Error(failure), End.before_start("error", run.name, ms)]
-        await self.store.append(run.sid, 0, enc.frames(batch))
-        return None
+            return [*batch, End.before_start("cancelled", run.name, ms)]
+        reason: FinishReason = "cancelled" if isinstance(failure, ShuttingDown) else "error"
+        return [*batch, Error(failure), End.before_start(reason, run.name, ms)]
 
     def _detached(self, run: Run) -> None:
         if run.readers == 0 and run.keeper is None and not run.done:
@@ -310,6 +381,8 @@ class Streams:
 
     async def subscribe(self, sid: str, client: str, after: int) -> AsyncIterator[bytes] | None:
         """The stream after frame ``after`` (-1: all of it); None once it was all delivered."""
+        if not _ID.fullmatch(sid):
+            raise _unknown(sid)
         meta = await self.store.meta(sid)
         if meta is None or not hmac.compare_digest(meta.client, client):
             raise _unknown(sid)
@@ -331,16 +404,22 @@ class Streams:
             if run.keeper is not None:
                 run.keeper.cancel()
                 run.keeper = None
-        last = after
-        hint = retry_hint() if after >= 0 else b""  # a fresh jitter on every reconnect
         try:
-            async for n, data in self.store.follow(sid, after):
-                last = n
+            if after < 0:
+                # The stream's id at once: a reconnect while the first token is
+                # still awaited resumes this stream rather than start another
+                # (an id field with no data sets Last-Event-ID, dispatches nothing).
+                yield retry_hint() + b"id: %s\n\n" % sid.encode()
+                hint = b""
+            else:
+                hint = retry_hint()  # a fresh jitter on every reconnect
+            async for _, data in self.store.follow(sid, after):
                 if hint:
                     data, hint = hint + data, b""
                 yield data
         except StoreUnavailable as exc:
-            yield b"".join(ending_frames(sid, last + 1, exc))
+            # Without ids: the log may yet hold real events under the next numbers.
+            yield b"".join(ending_frames(sid, None, exc))
         finally:
             if run is not None:
                 run.readers -= 1
@@ -348,6 +427,8 @@ class Streams:
 
     async def cancel(self, sid: str, client: str, wait_s: float = 5.0) -> str | None:
         """Stop the stream; its finish reason once the end is logged (None: not within wait_s)."""
+        if not _ID.fullmatch(sid):
+            raise _unknown(sid)
         meta = await self.store.meta(sid)
         if meta is None or not hmac.compare_digest(meta.client, client):
             raise _unknown(sid)
@@ -364,7 +445,7 @@ class Streams:
                     reason = _finish_reason(data)
                     if reason is not None:
                         return reason
-        except TimeoutError:
+        except (TimeoutError, StoreUnavailable):
             return None
         return None
 

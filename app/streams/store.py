@@ -36,6 +36,14 @@ class Store(Protocol):
 
     async def finish(self, sid: str) -> None: ...
 
+    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
+        """The store failed: end the log with ``frames`` (from number ``first``) where it can."""
+        ...
+
+    async def discard(self, sid: str) -> None:
+        """Forget a created stream that never ran."""
+        ...
+
     async def meta(self, sid: str) -> Meta | None: ...
 
     def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
@@ -57,7 +65,9 @@ class Store(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Log:
+class Log:
+    """One stream's frames in this process, and the readers waiting for more."""
+
     __slots__ = ("client", "ended", "frames", "wake")
 
     def __init__(self, client: str) -> None:
@@ -72,6 +82,29 @@ class _Log:
             self.wake = None
             wake.set()
 
+    def extend(self, frames: list[bytes], *, end: bool = False) -> None:
+        self.frames.extend(frames)
+        # [DONE] is the end, whether or not marking it so (finish) succeeds.
+        if end or (frames and frames[-1].endswith(DONE_TAIL)):
+            self.ended = True
+        self.notify()
+
+    async def follow(self, after: int) -> AsyncIterator[tuple[int, bytes]]:
+        frames = self.frames
+        i = after + 1
+        while True:
+            n = len(frames)
+            if i < n:
+                data = frames[i] if n - i == 1 else b"".join(frames[i:n])
+                i = n
+                yield n - 1, data
+            elif self.ended:
+                return
+            else:
+                if self.wake is None:
+                    self.wake = asyncio.Event()
+                await self.wake.wait()
+
 
 class MemoryStore:
     """Logs in this process: streams are served by the instance that runs them."""
@@ -79,7 +112,7 @@ class MemoryStore:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self.closing = False
-        self._logs: dict[str, _Log] = {}
+        self._logs: dict[str, Log] = {}
         self._expiry: deque[tuple[float, str]] = deque()  # ended logs, oldest first
         self._cancel: Callable[[str], None] | None = None
 
@@ -91,19 +124,23 @@ class MemoryStore:
 
     async def create(self, sid: str, client: str) -> None:
         self._sweep()
-        self._logs[sid] = _Log(client)
+        self._logs[sid] = Log(client)
 
     async def append(self, sid: str, first: int, frames: list[bytes]) -> None:
-        log = self._logs[sid]
-        log.frames.extend(frames)
-        log.notify()
+        self._logs[sid].extend(frames)
 
     async def finish(self, sid: str) -> None:
         log = self._logs.get(sid)
         if log is not None:
-            log.ended = True
-            log.notify()
+            log.extend([], end=True)
             self._expiry.append((asyncio.get_running_loop().time() + self.ttl_s, sid))
+
+    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
+        await self.append(sid, first, frames)
+        await self.finish(sid)
+
+    async def discard(self, sid: str) -> None:
+        self._logs.pop(sid, None)
 
     async def meta(self, sid: str) -> Meta | None:
         self._sweep()
@@ -112,24 +149,9 @@ class MemoryStore:
             return None
         return Meta(log.client, log.ended, len(log.frames) - 1)
 
-    async def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
         log = self._logs.get(sid)
-        if log is None:
-            return
-        frames = log.frames
-        i = after + 1
-        while True:
-            n = len(frames)
-            if i < n:
-                data = frames[i] if n - i == 1 else b"".join(frames[i:n])
-                i = n
-                yield n - 1, data
-            elif log.ended:
-                return
-            else:
-                if log.wake is None:
-                    log.wake = asyncio.Event()
-                await log.wake.wait()
+        return _nothing() if log is None else log.follow(after)
 
     async def has_reader(self, sid: str) -> bool:
         return False
@@ -146,3 +168,8 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         self._logs.clear()
+
+
+async def _nothing() -> AsyncIterator[tuple[int, bytes]]:
+    return
+    yield

@@ -28,12 +28,15 @@ def end_json(end: End) -> dict[str, Any]:
     }
 
 
-def ending_frames(stream_id: str, n: int, error: GatewayError) -> list[bytes]:
-    """``error``, ``end`` and ``[DONE]`` numbered from ``n``, for a stream whose log broke or
-    whose owner is gone (nothing more about it is known there: usage and model are null)."""
+def ending_frames(stream_id: str, n: int | None, error: GatewayError) -> list[bytes]:
+    """``error``, ``end`` and ``[DONE]`` numbered from ``n`` (None: without ids), for a stream
+    whose log broke or whose owner is gone (usage and model are not known there)."""
     enc = SimpleStreamEncoder(stream_id)
-    enc.n = n
-    return enc.frames([Error(error), End.before_start("error", "", 0)])
+    enc.n = n or 0
+    frames = enc.frames([Error(error), End.before_start("error", "", 0)])
+    if n is None:
+        return [f.partition(b"\n")[2] for f in frames]
+    return frames
 
 
 class SimpleStreamEncoder:
