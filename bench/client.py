@@ -1,15 +1,28 @@
 """An efficient SSE load client: a raw asyncio Protocol (run it on uvloop).
 
-It POSTs an OpenAI streaming chat request, decodes the HTTP/1.1 response
-(chunked, Content-Length or read-to-close), splits the body into SSE events on
-blank lines and, per event: counts ``data:`` events, counts the ``"tok "``
-content tokens (the first one stamps TTFT), notes ``[DONE]`` and keeps the first
-error event. Comments (pings) are ignored. Connections are keep-alive, so one
-connection can run many requests in sequence.
+It sends a streaming chat request, decodes the HTTP/1.1 response (chunked,
+Content-Length or read-to-close), splits the body into SSE events on blank
+lines and, per event: counts ``data:`` events, counts the ``"tok "`` content
+tokens (the first one stamps TTFT), notes the end of the stream and keeps the
+first error event. Comments (pings) are ignored. Connections are keep-alive, so
+one connection can run many requests in sequence.
+
+Two protocols (``request(..., simple=...)``):
+
+- OpenAI (``chat_request``: ``POST /v1/chat/completions``): ``data:`` chunks, an
+  in-band ``data: {"error": ...}`` on failure, ``data: [DONE]`` at the end.
+- the simple protocol (``simple_post_request``: ``POST /chat/stream`` with a
+  JSON body; ``simple_get_request``: ``GET /chat/stream?prompt=...&model=...``,
+  the EventSource route): ``event: start``, one default event
+  ``data: {"content": ...}`` per text delta, ``event: error`` on failure, then
+  exactly one ``event: end`` and ``data: [DONE]``. The stream is complete only
+  when ``[DONE]`` comes right after an ``end`` whose ``finish_reason`` is
+  ``stop`` or ``length``; anything else is an error (``protocol: ...``).
 
 Also runnable on its own for a quick look::
 
     python -m bench.client --url http://127.0.0.1:8000 --model bench/bench-10-0 -c 10 -n 100
+    python -m bench.client --protocol simple-get --model bench/bench-10-0 -c 10 -n 100
 """
 
 from __future__ import annotations
@@ -17,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import uvloop
@@ -37,8 +52,10 @@ class StreamResult:
     status: int = 0
     events: int = 0  # data: events
     tokens: int = 0  # "tok " content tokens seen
-    done: bool = False  # saw data: [DONE]
-    error: str | None = None  # first error event / HTTP error / transport problem
+    done: bool = False  # saw data: [DONE] (simple protocol: right after a good end)
+    error: str | None = None  # first error event / HTTP error / transport / protocol problem
+    ended: bool = False  # simple protocol: saw event: end
+    finish_reason: str | None = None  # simple protocol: the end's finish_reason
     body: bytearray = field(default_factory=bytearray)  # non-SSE body (errors), capped
 
     def ok(self, tokens: int) -> bool:
@@ -51,7 +68,9 @@ class StreamResult:
         if self.status and self.status != 200:
             return f"HTTP {self.status}"
         if self.error is not None:
-            return self.error.split(":", 1)[0] if self.error.startswith("transport") else "error"
+            if self.error.startswith(("transport", "protocol")):
+                return self.error.split(":", 1)[0]
+            return "error"
         if not self.done:
             return "no [DONE]"
         return f"tokens {self.tokens}/{tokens}"
@@ -67,6 +86,7 @@ class SSEClientProtocol(asyncio.Protocol):
         self.keep_alive = True
         self.res: StreamResult | None = None
         self.waiter: asyncio.Future[StreamResult] | None = None
+        self.simple = False  # the response is the simple protocol (else OpenAI's)
         self._reset()
 
     def _reset(self) -> None:
@@ -116,10 +136,17 @@ class SSEClientProtocol(asyncio.Protocol):
 
     # request -----------------------------------------------------------------------------------
 
-    def request(self, payload: bytes, res: StreamResult) -> asyncio.Future[StreamResult]:
+    def request(
+        self, payload: bytes, res: StreamResult, simple: bool = False
+    ) -> asyncio.Future[StreamResult]:
+        """Send ``payload``; the future is the result once the response is over.
+
+        ``simple``: parse the response as the simple protocol (``/chat/stream``).
+        """
         if self.closed or self.transport is None:
             raise ConnectionError("connection is closed")
         self._reset()
+        self.simple = simple
         self.res = res
         self.waiter = self.loop.create_future()
         if not res.t0:
@@ -242,6 +269,10 @@ class SSEClientProtocol(asyncio.Protocol):
             return
         parts = buf.split(sep)
         self.sse_buf = parts.pop()
+        if self.simple:
+            for part in parts:
+                simple_event(res, part)
+            return
         for part in parts:
             if b"data:" not in part:
                 continue  # comment / ping / event without data
@@ -275,6 +306,64 @@ class SSEClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
+def simple_event(res: StreamResult, part: bytes) -> None:
+    """Count one SSE event of the simple protocol (``part``: its lines, no blank line)."""
+    name = b""
+    data: list[bytes] = []
+    for line in part.splitlines():
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+        # id:, retry:, comments (":ping") and unknown fields: nothing to count
+    if not data:
+        return  # a comment / ping / retry hint alone: not an event
+    res.events += 1
+    payload = b"\n".join(data)
+    if res.done:
+        if res.error is None:
+            res.error = "protocol: event after [DONE]: " + _text(part)
+        return
+    if not name or name == b"message":
+        if payload == b"[DONE]":
+            if res.ended:
+                res.done = res.finish_reason in ("stop", "length")
+                if not res.done and res.error is None:
+                    res.error = f"protocol: the stream ended with finish_reason {res.finish_reason}"
+            elif res.error is None:
+                res.error = "protocol: [DONE] without an end event before it"
+            return
+        if res.ended:
+            if res.error is None:
+                res.error = "protocol: content after the end event: " + _text(part)
+            return
+        if TOKEN in payload:
+            if res.ttft is None:
+                res.ttft = perf() - res.t0
+            res.tokens += payload.count(TOKEN)
+    elif name == b"end":
+        if res.ended:
+            if res.error is None:
+                res.error = "protocol: a second end event"
+            return
+        res.ended = True
+        try:
+            reason = orjson.loads(payload).get("finish_reason")
+        except (orjson.JSONDecodeError, AttributeError):
+            reason = None
+        res.finish_reason = reason if isinstance(reason, str) else repr(reason)
+    elif name == b"error":
+        res.error = res.error or _text(part)
+    # start, tool_call, anything else: counted as an event, nothing more
+
+
+def _text(part: bytes) -> str:
+    return part[:_ERROR_KEEP].decode("utf-8", "replace")
+
+
 def chat_request(host: str, port: int, model: str, api_key: str = API_KEY) -> bytes:
     """The bytes of one streaming chat request (built once, sent many times)."""
     body = orjson.dumps(
@@ -291,6 +380,45 @@ def chat_request(host: str, port: int, model: str, api_key: str = API_KEY) -> by
     )
 
 
+def simple_post_request(
+    host: str, port: int, model: str, prompt: str = "hi", api_key: str = API_KEY
+) -> bytes:
+    """``POST /chat/stream`` with the simple protocol's JSON body."""
+    body = orjson.dumps({"prompt": prompt, "model": model})
+    return (
+        b"POST /chat/stream HTTP/1.1\r\n"
+        b"Host: %s:%d\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Accept: text/event-stream\r\n"
+        b"Authorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\n"
+        b"\r\n%s" % (host.encode(), port, api_key.encode(), len(body), body)
+    )
+
+
+def simple_get_request(
+    host: str, port: int, model: str, prompt: str = "hi", api_key: str = API_KEY
+) -> bytes:
+    """``GET /chat/stream?prompt=...&model=...``, the EventSource route (a resumable stream)."""
+    query = urlencode({"prompt": prompt, "model": model})
+    return (
+        b"GET /chat/stream?%s HTTP/1.1\r\n"
+        b"Host: %s:%d\r\n"
+        b"Accept: text/event-stream\r\n"
+        b"Cache-Control: no-cache\r\n"
+        b"Authorization: Bearer %s\r\n"
+        b"\r\n" % (query.encode(), host.encode(), port, api_key.encode())
+    )
+
+
+# The request builders by protocol name: (host, port, model, [prompt,] api_key=...) -> bytes.
+REQUESTS: dict[str, Callable[..., bytes]] = {
+    "openai": chat_request,
+    "simple-post": simple_post_request,
+    "simple-get": simple_get_request,
+}
+
+
 async def connect(host: str, port: int) -> SSEClientProtocol:
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(lambda: SSEClientProtocol(loop), host, port)
@@ -303,8 +431,12 @@ async def one_stream(
     payload: bytes,
     res: StreamResult | None = None,
     hold: list[SSEClientProtocol] | None = None,
+    simple: bool = False,
 ) -> StreamResult:
-    """A fresh connection, one request, close. TTFT counts from before the connect."""
+    """A fresh connection, one request, close. TTFT counts from before the connect.
+
+    ``simple``: the response is the simple protocol (see ``SSEClientProtocol.request``).
+    """
     res = res if res is not None else StreamResult()
     res.t0 = perf()
     try:
@@ -315,7 +447,7 @@ async def one_stream(
     if hold is not None:
         hold.append(proto)
     try:
-        return await proto.request(payload, res)
+        return await proto.request(payload, res, simple)
     finally:
         if proto.transport is not None:
             proto.transport.close()
@@ -356,12 +488,13 @@ async def _cli(args: argparse.Namespace) -> dict[str, Any]:
 
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    payload = chat_request(host, port, args.model, args.api_key)
+    payload = REQUESTS[args.protocol](host, port, args.model, api_key=args.api_key)
+    simple = args.protocol != "openai"
     sem = asyncio.Semaphore(args.concurrency)
 
     async def run_one() -> StreamResult:
         async with sem:
-            return await one_stream(host, port, payload)
+            return await one_stream(host, port, payload, simple=simple)
 
     t0 = perf()
     results = await asyncio.gather(*(run_one() for _ in range(args.requests)))
@@ -387,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="bench/bench-10-0")
     parser.add_argument("--api-key", default=API_KEY)
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(REQUESTS),
+        default="openai",
+        help="openai: POST /v1/chat/completions; simple-post / simple-get: /chat/stream",
+    )
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-n", "--requests", type=int, default=10)
     args = parser.parse_args(argv)

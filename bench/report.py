@@ -18,6 +18,28 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+# The resumable part's sides, in the order of the table.
+RESUMABLE_ROWS = {
+    "post": "(a) POST",
+    "get_memory": "(b) GET memory log",
+    "get_redis": "(c) GET Redis log",
+}
+
+
+def _sides(part: str, res: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(side, result) of one part: direct / gateway; the floor's relay loads; the resumable
+    part's loads x sides (``unbatched/post`` ...)."""
+    if part == "floor":
+        return list((res.get("relay") or {}).items())
+    if part == "resumable":
+        return [
+            (f"{load}/{side}", r)
+            for load in ("unbatched", "saturated")
+            for side, r in (res.get(load) or {}).items()
+        ]
+    return list(res.items())
+
+
 def _f(v: float | None, spec: str = ".2f", unit: str = "") -> str:
     return "-" if v is None else f"{format(v, spec)}{unit}"
 
@@ -204,6 +226,63 @@ def render(out: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                     )
                 )
 
+    # The replay log's cost (optional part): (a) POST, (b) GET + memory log, (c) GET + Redis log
+    if "resumable" in parts:
+        res = parts["resumable"]
+        labels = {
+            "unbatched": (
+                f"{sizes.get('unb_streams')}x{sizes.get('unb_chunks')} "
+                f"@{sizes.get('unb_interval_ms')}ms"
+            ),
+            "saturated": f"{sizes.get('sat_streams')}x{sizes.get('res_sat_chunks')}",
+        }
+        for load, label in labels.items():
+            sides = res.get(load) or {}
+            basis = sides.get("basis", "")
+            base = _get(sides, "post", "cpu_per_chunk_cmp_us")
+            for side, name in RESUMABLE_ROWS.items():
+                r = sides.get(side)
+                if not isinstance(r, dict):
+                    continue
+                cpu = _get(r, "cpu_per_chunk_cmp_us")
+                if side == "post":
+                    extra = f"({basis})" if basis else ""
+                elif cpu is not None and base:
+                    extra = f"{cpu - base:+.1f} us ({cpu / base - 1:+.0%}) vs (a)"
+                else:
+                    extra = ""
+                rows.append(
+                    (
+                        f"{load} {label} {name}: gw CPU/chunk (us)",
+                        "-",
+                        _f(cpu, ".1f"),
+                        extra,
+                        "(info)",
+                        "",
+                    )
+                )
+            redis = _get(sides, "get_redis", "also", "redis")
+            if redis:
+                busy = _get(redis, "cpu_busy")
+                rows.append(
+                    (
+                        f"{load} {label} (c): redis-server CPU/chunk (us)",
+                        "-",
+                        _f(redis.get("cpu_per_chunk_cmp_us"), ".1f"),
+                        "not the gateway" + ("" if busy is None else f", busy {busy:.0%}"),
+                        "(info)",
+                        "",
+                    )
+                )
+            if load == "saturated":
+                rates = [
+                    f"{name.split()[0]} {_f(_get(sides, side, 'bulk', 'chunks_per_s'), ',.0f')}"
+                    for side, name in RESUMABLE_ROWS.items()
+                    if isinstance(sides.get(side), dict)
+                ]
+                if rates:
+                    notes.append(f"resumable saturated: chunks/s {', '.join(rates)}")
+
     # 4. RSS
     if "rss" in parts:
         g = parts["rss"].get("gateway")
@@ -281,7 +360,7 @@ def render(out: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         )
 
     for part, res in parts.items():
-        for side, r in (res.get("relay") or {} if part == "floor" else res).items():
+        for side, r in _sides(part, res):
             if not isinstance(r, dict):
                 continue
             if r.get("error"):

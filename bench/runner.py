@@ -22,6 +22,18 @@ Parts (``--parts``, default all; sizes of the full run, ``--quick`` is smaller):
 - ``rss``: a fresh gateway, idle RSS after warm-up, then 1,000 streams held
   open after their first token; (RSS - idle) / streams.
 
+Only when asked for (``--parts floor,resumable``):
+
+- ``floor``: the saturated and unbatched loads through ``bench.relay``, a raw
+  uvloop TCP relay pinned like the gateway.
+- ``resumable``: the cost of the replay log. The unbatched and the saturated
+  loads (the latter with ``res_sat_chunks`` per stream) through the simple
+  protocol: (a) ``POST /chat/stream`` (straight from the generation, no log),
+  (b) ``GET /chat/stream`` with the in-memory log, (c) ``GET /chat/stream`` with
+  the log in Redis: a second gateway with ``GATEWAY_REDIS_URL`` pointing at a
+  ``redis-server`` of its own, pinned to the load CPU. Gateway CPU per chunk as
+  above; Redis's CPU is measured too, apart (info).
+
 CPU per chunk is taken over the steady window (every stream set up -> the first
 one about to end), so request set-up and teardown stay out; the whole-run
 figure, set-up included, is in the table too. Results go to stdout as a table
@@ -42,6 +54,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -52,9 +65,9 @@ import orjson
 import uvloop
 
 from bench.client import (
+    REQUESTS,
     SSEClientProtocol,
     StreamResult,
-    chat_request,
     connect,
     http_get,
     one_stream,
@@ -77,7 +90,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
 PARTS = ("ttft", "saturated", "unbatched", "many", "rss")
-EXTRA_PARTS = ("floor",)  # only when asked for
+EXTRA_PARTS = ("floor", "resumable")  # only when asked for
+REDIS_SERVER = "/usr/bin/redis-server"
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class Sizes:
     many_chunks: int = 50
     many_interval_ms: int = 20
     rss_streams: int = 1000
+    # resumable: chunks per stream of its saturated load (a Redis log stores each one).
+    res_sat_chunks: int = 5000
     part_timeout_s: float = 180.0
 
 
@@ -108,6 +124,7 @@ QUICK = Sizes(
     many_streams=100,
     many_chunks=10,
     rss_streams=100,
+    res_sat_chunks=1000,
     part_timeout_s=30.0,
 )
 
@@ -192,14 +209,23 @@ class Upstream:
 
 
 class Gateway:
-    def __init__(self, upstream_port: int, cpu: int | None, profile: bool = False) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        cpu: int | None,
+        profile: bool = False,
+        extra_env: dict[str, str] | None = None,
+        name: str = "gateway",
+    ) -> None:
         self.upstream_port = upstream_port
         self.cpu = cpu
         self.profile = profile
+        self.extra_env = extra_env or {}
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.starts = 0
-        self.log_path = RESULTS_DIR / "gateway.log"
+        self.log_path = RESULTS_DIR / f"{name}.log"
         self.startup_s = 0.0
 
     @staticmethod
@@ -236,6 +262,7 @@ class Gateway:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self.extra_env)
         return env
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -285,7 +312,7 @@ class Gateway:
         self.startup_s = time.perf_counter() - t0
         affinity = sorted(os.sched_getaffinity(self.proc.pid))
         log(
-            f"gateway on {HOST}:{self.port} (pid {self.proc.pid}, cpus {affinity}, "
+            f"{self.name} on {HOST}:{self.port} (pid {self.proc.pid}, cpus {affinity}, "
             f"ready in {self.startup_s:.1f}s)"
         )
 
@@ -305,16 +332,137 @@ class GatewayFailed(Exception):
     pass
 
 
+class RedisServer:
+    """A throwaway ``redis-server`` (no persistence) on a free loopback port."""
+
+    def __init__(self, cpu: int | None) -> None:
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.dir: str | None = None
+        self.log_path = RESULTS_DIR / "redis.log"
+
+    @staticmethod
+    def binary() -> str | None:
+        found = shutil.which("redis-server")
+        if found is None and os.access(REDIS_SERVER, os.X_OK):
+            found = REDIS_SERVER
+        return found
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def _spawn(self, binary: str) -> subprocess.Popen[bytes]:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        cmd = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--loglevel",
+            "warning",
+        ]
+        with open(self.log_path, "wb") as logf:
+            return subprocess.Popen(
+                pinned(cmd, self.cpu),
+                cwd=ROOT,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def start(self) -> None:
+        binary = self.binary()
+        if binary is None:
+            raise GatewayFailed(f"redis-server not found (looked on PATH and at {REDIS_SERVER})")
+        self.proc = self._spawn(binary)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 15:
+            if self.proc.poll() is not None:
+                break
+            if await self.ping():
+                log(f"redis-server on {HOST}:{self.port} (pid {self.proc.pid}, cpu {self.cpu})")
+                return
+            await asyncio.sleep(0.05)
+        self.stop()
+        raise GatewayFailed(f"redis-server did not start\n{tail(self.log_path)}")
+
+    async def ping(self) -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, self.port), 1)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            writer.write(b"PING\r\n")
+            return (await asyncio.wait_for(reader.readline(), 1)).startswith(b"+PONG")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    async def info(self, section: str) -> dict[str, str]:
+        """``INFO <section>`` as a dict (empty on any problem)."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, self.port), 1)
+        except (OSError, TimeoutError):
+            return {}
+        try:
+            writer.write(f"INFO {section}\r\n".encode())
+            head = await asyncio.wait_for(reader.readline(), 2)
+            if not head.startswith(b"$"):
+                return {}
+            body = await asyncio.wait_for(reader.readexactly(int(head[1:]) + 2), 2)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return {}
+        finally:
+            writer.close()
+        out = {}
+        for line in body.decode(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and not key.startswith("#"):
+                out[key] = value
+        return out
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
 @dataclass
 class Target:
     name: str
     port: int
     prefix: str  # "" direct, "bench/" through the gateway
     pid: int | None  # the process whose CPU / RSS are measured (the gateway), if any
+    # The request and its protocol: "openai" (POST /v1/chat/completions), "simple-post"
+    # (POST /chat/stream) or "simple-get" (GET /chat/stream, a resumable stream).
+    route: str = "openai"
+
+    @property
+    def simple(self) -> bool:
+        return self.route != "openai"
 
     def payload(self, chunks: int, interval_ms: int, delay_ms: int = 0, group: int = 0) -> bytes:
         model = self.prefix + model_id(chunks, interval_ms, delay_ms, group)
-        return chat_request(HOST, self.port, model)
+        return REQUESTS[self.route](HOST, self.port, model)
 
 
 # --- helpers for the parts -----------------------------------------------------------------------
@@ -387,7 +535,7 @@ async def sequential(
             proto = await connect(HOST, target.port)
         res = StreamResult()
         try:
-            await asyncio.wait_for(proto.request(payload, res), limit_s)
+            await asyncio.wait_for(proto.request(payload, res, target.simple), limit_s)
         except TimeoutError:
             res.error = res.error or f"timeout: no end of response after {limit_s}s"
             proto.abort()
@@ -407,7 +555,8 @@ async def concurrent(
     protos: list[SSEClientProtocol] = []
     t0 = time.perf_counter()
     tasks = [
-        asyncio.ensure_future(one_stream(HOST, target.port, payload, r, protos)) for r in results
+        asyncio.ensure_future(one_stream(HOST, target.port, payload, r, protos, target.simple))
+        for r in results
     ]
     _, pending = await asyncio.wait(tasks, timeout=limit_s)
     wall = time.perf_counter() - t0
@@ -431,18 +580,30 @@ class Window:
 
     Steady CPU per chunk is setup -> near_end (request set-up and teardown left out);
     bulk throughput and busy share are flow -> end.
+
+    ``also``: other processes (by name) whose CPU is marked too, apart (Redis).
     """
 
-    def __init__(self, results: list[StreamResult], chunks: int, pid: int | None) -> None:
+    def __init__(
+        self,
+        results: list[StreamResult],
+        chunks: int,
+        pid: int | None,
+        also: dict[str, int] | None = None,
+    ) -> None:
         self.results = results
         self.chunks = chunks
         self.pids = process_tree(pid) if pid else []
         self.marks: dict[str, tuple[float, float, int]] = {}
+        self.also = {name: process_tree(p) for name, p in (also or {}).items()}
+        self.also_marks: dict[str, dict[str, float]] = {}
 
     def mark(self, name: str) -> None:
         tokens = sum(r.tokens for r in self.results)
         cpu = cpu_s(self.pids) if self.pids else 0.0
         self.marks[name] = (time.perf_counter(), cpu, tokens)
+        if self.also:
+            self.also_marks[name] = {k: cpu_s(pids) for k, pids in self.also.items()}
 
     async def watch(self) -> None:
         results = self.results
@@ -474,6 +635,16 @@ class Window:
             out["cpu_s"] = c1 - c0
             out["busy"] = (c1 - c0) / wall
             out["cpu_per_chunk_us"] = (c1 - c0) / chunks * 1e6
+        if self.also:
+            also0, also1 = self.also_marks[a], self.also_marks[b]
+            out["also"] = {
+                k: {
+                    "cpu_s": also1[k] - also0[k],
+                    "busy": (also1[k] - also0[k]) / wall,
+                    "cpu_per_chunk_us": (also1[k] - also0[k]) / chunks * 1e6,
+                }
+                for k in self.also
+            }
         return out
 
 
@@ -532,18 +703,22 @@ async def part_stream_load(
     interval_ms: int,
     limit_s: float,
     together: bool = False,
+    also: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     # together: after the first chunk every stream waits (up to 30 s) for all to be set up.
+    # also: other processes (by name) whose CPU is measured apart, as info (Redis).
     payload = target.payload(chunks, interval_ms, 30_000 if together else 0, streams * together)
     results = [StreamResult() for _ in range(streams)]
-    window = Window(results, chunks, target.pid)
+    window = Window(results, chunks, target.pid, also)
     watcher = asyncio.ensure_future(window.watch())
     up0 = await up.stats()
     meter = CpuMeter(target.pid) if target.pid else None
+    also_meters = {name: CpuMeter(pid) for name, pid in (also or {}).items()}
     load = LoadMeter(up.pid)
     results, wall = await concurrent(target, payload, results, limit_s)
     window.mark("end")
     cpu = meter.stop() if meter else None
+    also_cpu = {name: m.stop() for name, m in also_meters.items()}
     load_cpu = load.stop()
     watcher.cancel()
     relayed = sum(r.tokens for r in results)
@@ -563,11 +738,26 @@ async def part_stream_load(
         "elapsed_ms": summarize(ms([r.elapsed for r in ok if r.elapsed is not None])),
         "load": load_cpu,
         "load_busy": load_cpu["total_cpu_s"] / wall if wall else None,
-        "machine": other_load(load_cpu, cpu["cpu_s"] if cpu else 0.0, wall),
+        "machine": other_load(
+            load_cpu,
+            (cpu["cpu_s"] if cpu else 0.0) + sum(c["cpu_s"] for c in also_cpu.values()),
+            wall,
+        ),
         "steady": window.span("setup", "near_end"),
         "bulk": window.span("flow", "end"),
         "failures": failures(results, chunks),
     }
+    if target.route != "openai":
+        out["route"] = target.route
+    for name, c in also_cpu.items():
+        # Whole run, and the steady window when there is one (as for the gateway).
+        steady_also = _get(out, "steady", "also", name)
+        out.setdefault("also", {})[name] = {
+            "cpu": c,
+            "cpu_busy": c["cpu_s"] / wall if wall else None,
+            "cpu_per_chunk_total_us": c["cpu_s"] / relayed * 1e6 if relayed else None,
+            "cpu_per_chunk_steady_us": steady_also["cpu_per_chunk_us"] if steady_also else None,
+        }
     if cpu is not None:
         # Whole run: includes every request's set-up and teardown.
         out["cpu"] = cpu
@@ -633,6 +823,126 @@ async def part_floor(up: Upstream, sizes: Sizes, cpu: int | None) -> dict[str, A
         return {"relay": out}
     finally:
         stop_process(proc)
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+RESUMABLE_SIDES = {
+    "post": "(a) POST /chat/stream, no log",
+    "get_memory": "(b) GET /chat/stream, in-memory log",
+    "get_redis": "(c) GET /chat/stream, Redis log",
+}
+
+
+async def part_resumable(
+    up: Upstream, gw: Gateway, sizes: Sizes, gateway_cpu: int | None, load_cpu: int | None
+) -> dict[str, Any]:
+    """The unbatched and saturated loads through the simple protocol: (a) POST (no log),
+    (b) GET with the in-memory replay log (the main gateway), (c) GET with the log in
+    Redis (a second gateway, same pinning, with its own redis-server on the load CPU)."""
+    prefix = f"{GATEWAY_PROVIDER}/"
+    loads: dict[str, dict[str, Any]] = {"unbatched": {}, "saturated": {}}
+
+    async def both(t: Target, side: str, also: dict[str, int] | None = None) -> None:
+        log(f"resumable: {RESUMABLE_SIDES[side]}, unbatched ...")
+        r = await part_stream_load(
+            t,
+            up,
+            sizes.unb_streams,
+            sizes.unb_chunks,
+            sizes.unb_interval_ms,
+            sizes.part_timeout_s,
+            also=also,
+        )
+        loads["unbatched"][side] = r
+        log(f"resumable: {side}, unbatched done: {short_resumable(r)}")
+        log(f"resumable: {RESUMABLE_SIDES[side]}, saturated ...")
+        r = await part_stream_load(
+            t,
+            up,
+            sizes.sat_streams,
+            sizes.res_sat_chunks,
+            0,
+            sizes.part_timeout_s,
+            together=True,
+            also=also,
+        )
+        loads["saturated"][side] = r
+        log(f"resumable: {side}, saturated done: {short_resumable(r)}")
+
+    t0 = time.perf_counter()
+    for side, route in (("post", "simple-post"), ("get_memory", "simple-get")):
+        if not gw.alive():
+            loads["unbatched"][side] = loads["saturated"][side] = {
+                "error": f"gateway died (exit {gw.proc.returncode})"  # type: ignore[union-attr]
+            }
+            continue
+        t = Target(side, gw.port, prefix, gw.pid, route)
+        await warm(t, sizes)
+        await both(t, side)
+
+    redis = RedisServer(load_cpu)
+    rgw: Gateway | None = None
+    info: dict[str, Any] = {}
+    try:
+        await redis.start()
+        rgw = Gateway(
+            up.port, gateway_cpu, extra_env={"GATEWAY_REDIS_URL": redis.url}, name="gateway-redis"
+        )
+        await rgw.start()
+        t = Target("get_redis", rgw.port, prefix, rgw.pid, "simple-get")
+        await warm(t, sizes)
+        await both(t, "get_redis", also={"redis": redis.pid})
+        if not rgw.alive():
+            info["gateway_exit"] = rgw.proc.returncode  # type: ignore[union-attr]
+        mem = await redis.info("memory")
+        info["redis_used_memory_mib"] = (
+            int(mem["used_memory"]) / 2**20 if "used_memory" in mem else None
+        )
+    except GatewayFailed as exc:
+        for name in ("unbatched", "saturated"):
+            loads[name].setdefault("get_redis", {"error": str(exc)[:600]})
+    finally:
+        if rgw is not None:
+            info["gateway_exit"] = rgw.stop()
+        redis.stop()
+    for load, r in loads.items():
+        compare(load, r)
+    info["url"] = redis.url
+    return {**loads, "redis": info, "wall_s": time.perf_counter() - t0}
+
+
+def compare(load: str, sides: dict[str, Any]) -> None:
+    """Put the resumable part's three sides on one basis, and (b), (c) against (a).
+
+    Unbatched: the steady window (as the unbatched part), unless a side lacks one.
+    Saturated: the whole run, always: a GET stream's generation runs in its own task,
+    which the reader does not hold back, so the client's tokens lag the gateway's work
+    and a window marked by them does not match it (the whole run is all of the work,
+    every stream's set-up and teardown included, over every chunk delivered).
+    """
+    ok = [s for s in RESUMABLE_SIDES if isinstance(sides.get(s), dict) and "cpu" in sides[s]]
+    steady = load == "unbatched" and all(sides[s].get("cpu_per_chunk_from") == "steady" for s in ok)
+    sides["basis"] = "steady" if steady else "whole run"
+    for s in ok:
+        r = sides[s]
+        r["cpu_per_chunk_cmp_us"] = r["cpu_per_chunk_us" if steady else "cpu_per_chunk_total_us"]
+        for name, also in (r.get("also") or {}).items():
+            key = "cpu_per_chunk_steady_us" if steady else "cpu_per_chunk_total_us"
+            also["cpu_per_chunk_cmp_us"] = also.get(key)
+            r[f"{name}_cpu_per_chunk_cmp_us"] = also.get(key)
+    base = _get(sides, "post", "cpu_per_chunk_cmp_us")
+    for s in ("get_memory", "get_redis"):
+        v = _get(sides, s, "cpu_per_chunk_cmp_us")
+        if base and v is not None:
+            sides[s]["overhead_vs_post_us"] = v - base
+            sides[s]["overhead_vs_post_ratio"] = v / base
 
 
 async def part_rss(target: Target, sizes: Sizes, up: Upstream) -> dict[str, Any]:
@@ -733,7 +1043,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         per_request_us: float | None = None
         gateway_used = False
         for part in parts:
-            if part in ("rss", "floor"):
+            if part in ("rss", *EXTRA_PARTS):
                 continue
             res: dict[str, Any] = {}
             for t in targets:
@@ -785,6 +1095,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out["parts"][part] = res
         if "floor" in parts:
             out["parts"]["floor"] = await part_floor(up, sizes, args.gateway_cpu)
+        if "resumable" in parts:
+            if gw is None:
+                log("resumable: needs the gateway (not with --direct-only); skipped")
+            else:
+                gateway_used = True
+                out["parts"]["resumable"] = await part_resumable(
+                    up, gw, sizes, args.gateway_cpu, args.load_cpu
+                )
+                log(f"resumable: done in {out['parts']['resumable']['wall_s']:.0f} s")
         if "rss" in parts:
             res = {}
             if gw is not None:
@@ -841,6 +1160,21 @@ def short(part: str, r: dict[str, Any]) -> str:
     return ", ".join(bits)
 
 
+def short_resumable(r: dict[str, Any]) -> str:
+    bits = [f"complete {r.get('complete')}/{r.get('streams')}"]
+    if r.get("ttft_ms", {}).get("p50") is not None:
+        bits.append(f"ttft p50 {r['ttft_ms']['p50']:.1f} ms p99 {r['ttft_ms']['p99']:.1f} ms")
+    bits.append(
+        f"gw {fmt(r.get('cpu_per_chunk_total_us'))} us cpu/chunk whole run, "
+        f"{fmt(_get(r, 'steady', 'cpu_per_chunk_us'))} steady"
+    )
+    for name, also in (r.get("also") or {}).items():
+        bits.append(f"{name} {fmt(also.get('cpu_per_chunk_total_us'))} us cpu/chunk whole run")
+    if r.get("failures", {}).get("reasons"):
+        bits.append(f"failures {r['failures']['reasons']}")
+    return ", ".join(bits)
+
+
 def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -856,7 +1190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(PARTS),
         help=f"comma-separated parts to run (default all): {','.join(PARTS)}; also "
         "'floor': the saturated and unbatched loads through a raw TCP relay (bench.relay) "
-        "pinned like the gateway, the floor for any Python relay here",
+        "pinned like the gateway, the floor for any Python relay here; and 'resumable': "
+        "those loads through POST /chat/stream vs GET /chat/stream with the replay log in "
+        "memory and in Redis (a redis-server of its own)",
     )
     parser.add_argument(
         "--direct-only", action="store_true", help="only the direct side (no gateway)"
