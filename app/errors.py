@@ -29,6 +29,7 @@ clients: they never carry a key, a stack trace or an upstream's raw body.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -87,7 +88,8 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(0, round(self.retry_after)))}
+        # Rounded up: a client that waits what it is told is not refused again.
+        return {"Retry-After": str(max(0, math.ceil(self.retry_after)))}
 
     def json_bytes(self) -> bytes:
         return orjson.dumps(self.body())

@@ -296,10 +296,14 @@ class RedisStore:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _listen(self, on_cancel: Callable[[str], None]) -> None:
+        lost = False
         while True:
             pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                if lost:
+                    log.warning("redis cancel channel back")
+                    lost = False
                 while True:
                     # A timeout, not a blocking read: a connection that went
                     # half-open is found by the health check between reads.
@@ -307,7 +311,9 @@ class RedisStore:
                     if msg is not None and msg["type"] == "message":
                         on_cancel(msg["data"].decode())
             except (RedisError, OSError) as exc:
-                log.warning("redis cancel channel lost (%s); resubscribing", type(exc).__name__)
+                if not lost:  # once per outage, not once per retry
+                    log.warning("redis cancel channel lost (%s); resubscribing", type(exc).__name__)
+                    lost = True
                 await asyncio.sleep(1.0)
             finally:
                 await pubsub.aclose()
