@@ -7,6 +7,7 @@ alive past the grace; A killed mid-stream; and Redis going away mid-stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import subprocess
@@ -276,3 +277,37 @@ def test_a_crashed_instance_s_stream_ends_honestly_for_its_readers(fake, redis_s
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_stop_reaches_an_owner_that_missed_the_message(fake, redis_server):
+    from tests.harness import GatewayServer, make_settings
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    providers = {"up": {"kind": "openai-compatible", "base_url": fake.base_url}}
+    settings = {
+        "providers": providers,
+        "default_model": "up/model",
+        "redis_url": redis_server.url,
+        "redis_prefix": prefix,
+    }
+    a = GatewayServer(make_settings(**settings))
+    store = a.app.state.gateway.streams.store
+
+    async def deaf(on_cancel: Any) -> None:  # A's subscription is down the whole time
+        await asyncio.Event().wait()
+
+    store._listen = deaf
+    a.start()
+    b = Instance(fake, redis_server.url, prefix).wait()
+    try:
+        fake.default = LONG
+        r = httpx.post(a.url + "/chat/streams", json={"prompt": "hi"}, timeout=10)
+        sid = r.json()["id"]
+        fake.wait_for_attempts(1, timeout=3)
+        stopped = time.monotonic()
+        r = httpx.delete(b.url + f"/chat/streams/{sid}", timeout=10)
+        assert r.status_code == 200 and r.json()["finish_reason"] == "cancelled"
+        assert fake.wait_closed(0, timeout=3) - stopped < 3.0  # within a heartbeat or two
+    finally:
+        b.stop()
+        a.stop()

@@ -8,9 +8,8 @@ Keys (under ``GATEWAY_REDIS_PREFIX``):
   explicit id ``0-<n+1>`` for frame ``n``. A reader resumes after frame ``n``
   with ``XREAD`` from ``0-<n+1>`` and follows it live with ``BLOCK``; and a
   second writer could never interleave (ids must grow).
-- ``stream:<id>:reader``: a lease that readers renew while they follow; the
-  owner counts it as a reader when deciding on the resume grace.
-
+- ``stream:<id>:reader``: a lease held for readers on other instances (their
+  instance renews it); the owner counts it as a reader for the resume grace.
 - ``instance:<id>``: each instance's heartbeat (renewed every second,
   expiring after ``OWNER_TTL_S``). A reader that finds its stream's owner
   gone (crashed, killed) ends the log itself: ``error`` (``instance_lost``),
@@ -19,7 +18,9 @@ Keys (under ``GATEWAY_REDIS_PREFIX``):
 
 Both keys of a running stream expire after the longest a stream can run plus
 the TTL, and ``GATEWAY_STREAM_TTL_S`` after its end. Cancels go to every
-instance on the ``cancel`` pub/sub channel; the owner acts on them.
+instance on the ``cancel`` pub/sub channel, and set the hash's ``cancel``
+flag, which the owner's heartbeat checks (a message sent while the owner's
+subscription was down is not lost).
 
 Readers on the instance that runs a stream follow a copy of its log kept in
 this process while it runs (appended after Redis took each batch, so both
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
@@ -52,13 +54,14 @@ from app.wire.simple import ending_frames
 
 log = logging.getLogger("app.streams")
 
-# A reader renews its lease this often, and XREAD blocks at most this long, so
-# that a reader notices a closing instance or an expired stream.
-LEASE_S = 2.0
-_BLOCK_MS = int(LEASE_S * 1000 / 3)
-# An instance's heartbeat outlives a few missed renewals (every HEARTBEAT_S).
+# Every HEARTBEAT_S an instance renews its heartbeat (which outlives a few
+# missed renewals) and the leases of the readers it serves for streams running
+# elsewhere. XREAD blocks at most _BLOCK_MS, so that a reader notices a closing
+# instance, an expired stream or a lost owner.
 HEARTBEAT_S = 1.0
 OWNER_TTL_S = 4.0
+LEASE_S = 3.0
+_BLOCK_MS = 700
 
 # KEYS: the stream's hash, its log. ARGV: the log's last entry id as the
 # reader saw it, the TTL, then the frames that end it.
@@ -118,6 +121,7 @@ class RedisStore:
         self.instance = secrets.token_hex(8)
         self._abandon = client.register_script(_ABANDON)
         self._local: dict[str, Log] = {}  # the streams this instance runs
+        self._following: Counter[str] = Counter()  # streams read here that run elsewhere
 
     def _key(self, sid: str) -> str:
         return f"{self.prefix}stream:{sid}"
@@ -225,16 +229,31 @@ class RedisStore:
     async def _follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
         key = self._key(sid)
         log_key = key + ":log"
-        lease = key + ":reader"
-        loop = asyncio.get_running_loop()
-        renew_at = 0.0
         last = f"0-{after + 1}"
+        r = self.r
+        try:
+            # The lease now; the heartbeat renews it while this reader follows,
+            # even while it waits on a slow client.
+            await r.set(key + ":reader", b"1", px=int(LEASE_S * 1000))
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        self._following[sid] += 1
+        try:
+            async for item in self._read_log(sid, key, log_key, last):
+                yield item
+        finally:
+            left = self._following[sid] - 1
+            if left:
+                self._following[sid] = left
+            else:
+                del self._following[sid]
+
+    async def _read_log(
+        self, sid: str, key: str, log_key: str, last: str | bytes
+    ) -> AsyncIterator[tuple[int, bytes]]:
         r = self.r
         while not self.closing:
             try:
-                if loop.time() >= renew_at:
-                    await r.set(lease, b"1", px=int(LEASE_S * 1000))
-                    renew_at = loop.time() + LEASE_S / 3
                 found = await r.xread({log_key: last}, block=_BLOCK_MS)
                 if not found:
                     owner, state = await r.hmget(key, "owner", "state")
@@ -251,9 +270,10 @@ class RedisStore:
             if not found:
                 continue
             entries = found[0][1]
-            last = entries[-1][0]
+            entry: bytes = entries[-1][0]
+            last = entry
             data = b"".join(fields[b"f"] for _, fields in entries)
-            yield _number(last), data
+            yield _number(entry), data
             if data.endswith(DONE_TAIL):
                 return
 
@@ -277,22 +297,42 @@ class RedisStore:
 
     async def publish_cancel(self, sid: str) -> None:
         try:
-            await self.r.publish(self.channel, sid)
+            async with self.r.pipeline(transaction=False) as pipe:
+                # The flag for an owner that missed the message (its subscription
+                # was down): its heartbeat finds it within a second.
+                pipe.hset(self._key(sid), "cancel", b"1")
+                pipe.publish(self.channel, sid)
+                await pipe.execute()
         except RedisError as exc:
             raise unavailable(exc) from None
 
     async def listen(self, on_cancel: Callable[[str], None]) -> None:
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(on_cancel))
         try:
             await self._listen(on_cancel)
         finally:
             heartbeat.cancel()
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, on_cancel: Callable[[str], None]) -> None:
+        """Every second, in one round trip: this instance is alive, its remote readers'
+        leases, and the cancel flags of the streams it runs."""
         key = f"{self.prefix}instance:{self.instance}"
+        lease_ms = int(LEASE_S * 1000)
         while True:
-            with suppress(RedisError):
-                await self.r.set(key, b"1", px=int(OWNER_TTL_S * 1000))
+            owned = list(self._local)
+            try:
+                async with self.r.pipeline(transaction=False) as pipe:
+                    pipe.set(key, b"1", px=int(OWNER_TTL_S * 1000))
+                    for sid in self._following:
+                        pipe.set(self._key(sid) + ":reader", b"1", px=lease_ms)
+                    for sid in owned:
+                        pipe.hget(self._key(sid), "cancel")
+                    flags = (await pipe.execute())[-len(owned) :] if owned else []
+            except RedisError:
+                flags = []
+            for sid, flag in zip(owned, flags, strict=False):
+                if flag:
+                    on_cancel(sid)
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _listen(self, on_cancel: Callable[[str], None]) -> None:
