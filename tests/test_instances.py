@@ -263,7 +263,7 @@ def test_a_crashed_instance_s_stream_ends_honestly_for_its_readers(fake, redis_s
                 if len(events) == 4:
                     a.stop()  # SIGKILL: no drain, no end written by A
                     killed = time.monotonic()
-        assert time.monotonic() - killed < 10.0  # the owner's heartbeat lapses, then the end
+        assert time.monotonic() - killed < 15.0  # the owner's heartbeat lapses, then the end
         assert [e.id for e in events] == ids(sid, events)
         assert [e.event for e in events[-3:]] == ["error", "end", "message"]
         assert orjson.loads(events[-3].data)["error"]["code"] == "instance_lost"

@@ -468,3 +468,80 @@ def test_a_failed_finish_after_done_still_answers_204(make_gateway, openai_fake,
     assert r.status_code == 204
     again = read(url)
     assert [e.event for e in again].count("end") == 1
+
+
+def test_a_store_failure_logging_a_failed_open_is_reported_as_such(gw, openai_fake):
+    openai_fake.default = Scenario(fault="status", status=400, error_message="bad things")
+    _flaky(gw, "append", {1})
+    _sid, url = start(gw)
+    events = read(url)
+    assert [e.event for e in events] == ["start", "error", "end", "message"]
+    assert orjson.loads(events[1].data)["error"]["code"] == "store_unavailable"
+
+
+def test_app_exit_ends_running_streams_as_a_shutdown(make_gateway, openai_fake, redis_server):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(500)], interval=0.02)
+    settings = {"redis_url": redis_server.url, "redis_prefix": f"t{secrets.token_hex(4)}:"}
+    a = make_gateway(openai_fake=openai_fake, default_model=MODEL, **settings)
+    sid, _ = start(a)
+    openai_fake.wait_for_attempts(1, timeout=3)
+    time.sleep(0.3)
+    a.stop()  # no signal, no drain: the app's own exit
+    b = make_gateway(openai_fake=openai_fake, default_model=MODEL, **settings)
+    events = read(b.url + f"/chat/streams/{sid}/events")
+    assert [e.event for e in events[-3:]] == ["error", "end", "message"]
+    assert orjson.loads(events[-3].data)["error"]["type"] == "server_shutdown"
+    end = orjson.loads(events[-2].data)
+    assert end["finish_reason"] == "cancelled" and end["usage"]["output_tokens"] > 0
+
+
+class _EndThenGone:
+    """A store whose reader gets the end, then loses the store before [DONE]."""
+
+    closing = False
+
+    async def meta(self, sid: str) -> Any:
+        from app.streams.store import Meta
+
+        return Meta("c", False, 3)
+
+    async def follow(self, sid: str, after: int) -> Any:
+        yield 4, f"id: {sid}:4\nevent: end\ndata: {{}}\n\n".encode()
+        raise StoreUnavailable("gone", code="store_unavailable")
+
+
+async def test_a_reader_that_loses_the_store_after_the_end_sends_only_done():
+    from app.streams import Streams
+    from tests.harness import make_settings
+
+    sid = "gen_" + "b" * 32
+    streams = Streams(make_settings(), _EndThenGone())  # type: ignore[arg-type]
+    body = await streams.subscribe(sid, "c", 3)
+    assert body is not None
+    chunks = [c async for c in body]
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    assert b"".join(chunks).count(b"event: end") == 1
+
+
+async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
+    from app.streams.redis_store import RedisStore, connect
+
+    client = connect(redis_server.url)
+    prefix = f"t{secrets.token_hex(4)}:"
+    owner = RedisStore(client, prefix, 60, 60)
+    peer = RedisStore(client, prefix, 60, 60)
+    sid = "gen_" + "c" * 32
+    frame = [f"id: {sid}:{n}\ndata: {{}}\n\n".encode() for n in range(3)]
+    await owner.create(sid, "c")
+    await owner.append(sid, 0, frame[:2])
+    await owner.append(sid, 1, frame[1:2])  # re-sent after a lost reply: ours, fine
+    await peer._end_abandoned(sid, b"0-2")  # a peer that believed the owner gone
+    with pytest.raises(StoreUnavailable) as taken:
+        await owner.append(sid, 2, frame[2:])
+    assert taken.value.code == "stream_taken_over"
+    # Marking a stream that Redis no longer has creates no key (it would never expire).
+    ghost = "gen_" + "d" * 32
+    await owner.fail(ghost, 0, frame)
+    await owner.publish_cancel(ghost)
+    assert await client.exists(f"{prefix}stream:{ghost}") == 0
+    await client.aclose()

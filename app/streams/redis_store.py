@@ -59,9 +59,17 @@ log = logging.getLogger("app.streams")
 # elsewhere. XREAD blocks at most _BLOCK_MS, so that a reader notices a closing
 # instance, an expired stream or a lost owner.
 HEARTBEAT_S = 1.0
-OWNER_TTL_S = 4.0
+# Longer than a Redis command can take here (5 s socket timeout, then retries),
+# so that a slow Redis never makes a live owner look dead.
+OWNER_TTL_S = 10.0
 LEASE_S = 3.0
 _BLOCK_MS = 700
+
+# A field set on a stream's hash only while it exists (never a key without TTL).
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"""
 
 # KEYS: the stream's hash, its log. ARGV: the log's last entry id as the
 # reader saw it, the TTL, then the frames that end it.
@@ -120,6 +128,7 @@ class RedisStore:
         self.closing = False  # set when this instance exits: readers return (clients reconnect)
         self.instance = secrets.token_hex(8)
         self._abandon = client.register_script(_ABANDON)
+        self._mark = client.register_script(_MARK)
         self._local: dict[str, Log] = {}  # the streams this instance runs
         self._following: Counter[str] = Counter()  # streams read here that run elsewhere
 
@@ -155,11 +164,33 @@ class RedisStore:
                     results = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise unavailable(exc) from None
-        for result in results:
-            # A command re-sent after a lost reply finds its entry there already.
-            if isinstance(result, Exception) and "equal or smaller" not in str(result):
-                raise unavailable(result)
+        clashes = []
+        for i, result in enumerate(results[: len(frames)]):
+            if isinstance(result, Exception):
+                if "equal or smaller" not in str(result):
+                    raise unavailable(result)
+                clashes.append(i)
+        if clashes:
+            await self._check_ours(key, first, frames, clashes)
         self._local[sid].extend(frames)
+
+    async def _check_ours(
+        self, key: str, first: int, frames: list[bytes], clashes: list[int]
+    ) -> None:
+        """Entries already there: ours (a command re-sent after a lost reply), or another
+        instance's, which ended the stream believing this one gone: then stop."""
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for i in clashes:
+                    pipe.xrange(key, f"0-{first + 1 + i}", f"0-{first + 1 + i}")
+                found = await pipe.execute()
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        for i, entries in zip(clashes, found, strict=True):
+            if not entries or entries[0][1].get(b"f") != frames[i]:
+                raise StoreUnavailable(
+                    "another gateway instance ended this stream", code="stream_taken_over"
+                )
 
     async def _xadd(self, key: str, entry: int, frame: bytes) -> Any:
         try:
@@ -192,7 +223,7 @@ class RedisStore:
             # finds it (unless the log is not where this instance left it).
             args = [f"0-{first}", self.ttl, *frames]
             if not await self._abandon(keys=[key, key + ":log"], args=args):
-                await self.r.hset(key, "state", "failed")
+                await self._mark(keys=[key], args=["state", "failed"])
 
     async def discard(self, sid: str) -> None:
         key = self._key(sid)
@@ -300,7 +331,7 @@ class RedisStore:
             async with self.r.pipeline(transaction=False) as pipe:
                 # The flag for an owner that missed the message (its subscription
                 # was down): its heartbeat finds it within a second.
-                pipe.hset(self._key(sid), "cancel", b"1")
+                await self._mark(keys=[self._key(sid)], args=["cancel", "1"], client=pipe)
                 pipe.publish(self.channel, sid)
                 await pipe.execute()
         except RedisError as exc:
@@ -328,7 +359,9 @@ class RedisStore:
                     for sid in owned:
                         pipe.hget(self._key(sid), "cancel")
                     flags = (await pipe.execute())[-len(owned) :] if owned else []
-            except RedisError:
+            except Exception as exc:  # never let the heartbeat die: peers would end our streams
+                if not isinstance(exc, RedisError):
+                    log.warning("heartbeat: %s", type(exc).__name__)
                 flags = []
             for sid, flag in zip(owned, flags, strict=False):
                 if flag:

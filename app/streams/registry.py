@@ -49,7 +49,7 @@ from app.limits import NO_SLOT, Slot
 from app.relay import Generation
 from app.streams.store import DONE_TAIL, Store
 from app.wire.simple import SimpleStreamEncoder, ending_frames
-from app.wire.sse import retry_hint
+from app.wire.sse import DONE, retry_hint
 
 log = logging.getLogger("app.streams")
 
@@ -151,6 +151,14 @@ class Streams:
             run.stop(reason)
 
     async def aclose(self) -> None:
+        """App exit: what still runs (no drain ran, or it ran out) ends as at a shutdown,
+        with its usage so far, before anything is cancelled."""
+        running = [r.task for r in self.runs.values() if r.task is not None]
+        if running:
+            self.stop_all(
+                ShuttingDown("the server stopped; the answer was cut short", code="shutting_down")
+            )
+            await asyncio.wait(running, timeout=2.0)
         tasks = [t for t in (self._listener, *(r.task for r in self.runs.values())) if t]
         for task in tasks:
             task.cancel()
@@ -236,8 +244,8 @@ class Streams:
                     try:
                         await store.append(sid, first, frames)
                         ended = True
-                    except StoreUnavailable:
-                        enc.n, failed = first, True
+                    except StoreUnavailable as exc:
+                        enc.n, failed, trouble = first, True, exc
                     return
                 gen = opened
                 gen.on_close = slot.release
@@ -274,6 +282,8 @@ class Streams:
                         end = next(e for e in batch if isinstance(e, End))
                         end.finish_reason = "error"
                         starts = [e for e in batch if isinstance(e, Start)]
+                        if enc.n == 0 and not starts:  # the start was in the batch not logged
+                            starts = [Start(model=gen.model, provider=gen.provider)]
                         frames = enc.frames([*starts, Error(trouble), end])
                         if not failed:
                             try:
@@ -286,10 +296,13 @@ class Streams:
                         ended = True
         finally:
             run.done = True
-            self.runs.pop(sid, None)
             if run.keeper is not None:
                 run.keeper.cancel()
-            await self._settle(run, enc, ended=ended, failed=failed, trouble=trouble)
+            try:
+                await self._settle(run, enc, ended=ended, failed=failed, trouble=trouble)
+            finally:
+                # Only now: a drain waits for the last write too.
+                self.runs.pop(sid, None)
 
     async def _settle(
         self,
@@ -313,7 +326,8 @@ class Streams:
         reason = trouble or ShuttingDown(
             "the gateway stopped before the stream ended", code="shutting_down"
         )
-        frames = ending_frames(sid, enc.n, reason)
+        finish: FinishReason = "cancelled" if isinstance(reason, ShuttingDown) else "error"
+        frames = ending_frames(sid, enc.n, reason, finish, model=run.name)
         if not failed:
             try:
                 await store.append(sid, enc.n, frames)
@@ -404,6 +418,7 @@ class Streams:
             if run.keeper is not None:
                 run.keeper.cancel()
                 run.keeper = None
+        tail = b""
         try:
             if after < 0:
                 # The stream's id at once: a reconnect while the first token is
@@ -416,10 +431,14 @@ class Streams:
             async for _, data in self.store.follow(sid, after):
                 if hint:
                     data, hint = hint + data, b""
+                tail = data
                 yield data
         except StoreUnavailable as exc:
-            # Without ids: the log may yet hold real events under the next numbers.
-            yield b"".join(ending_frames(sid, None, exc))
+            if b"\nevent: end\n" in tail:
+                yield DONE  # the end came already (without its [DONE]: Redis woke us between)
+            else:
+                # Without ids: the log may yet hold real events under the next numbers.
+                yield b"".join(ending_frames(sid, None, exc))
         finally:
             if run is not None:
                 run.readers -= 1

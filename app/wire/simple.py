@@ -12,7 +12,17 @@ from collections.abc import AsyncIterator
 from typing import Any, assert_never
 
 from app.errors import GatewayError
-from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
+from app.events import (
+    ChatEvent,
+    End,
+    Error,
+    Finish,
+    FinishReason,
+    Start,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from app.wire.sse import dumps, retry_hint
 
 
@@ -28,12 +38,22 @@ def end_json(end: End) -> dict[str, Any]:
     }
 
 
-def ending_frames(stream_id: str, n: int | None, error: GatewayError) -> list[bytes]:
+def ending_frames(
+    stream_id: str,
+    n: int | None,
+    error: GatewayError,
+    reason: FinishReason = "error",
+    *,
+    model: str = "",
+) -> list[bytes]:
     """``error``, ``end`` and ``[DONE]`` numbered from ``n`` (None: without ids), for a stream
-    whose log broke or whose owner is gone (usage and model are not known there)."""
+    whose log broke or whose owner is gone (usage is not known there); with ``start`` first
+    when nothing was logged yet (``n`` = 0)."""
     enc = SimpleStreamEncoder(stream_id)
     enc.n = n or 0
-    frames = enc.frames([Error(error), End.before_start("error", "", 0)])
+    events: list[ChatEvent] = [Start(model=model)] if n == 0 else []
+    events += [Error(error), End.before_start(reason, model, 0)]
+    frames = enc.frames(events)
     if n is None:
         return [f.partition(b"\n")[2] for f in frames]
     return frames
