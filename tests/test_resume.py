@@ -519,7 +519,7 @@ async def test_a_reader_that_loses_the_store_after_the_end_sends_only_done():
     body = await streams.subscribe(sid, "c", 3)
     assert body is not None
     chunks = [c async for c in body]
-    assert chunks[-1] == b"data: [DONE]\n\n"
+    assert chunks[-1] == f"id: {sid}:4\ndata: [DONE]\n\n".encode()
     assert b"".join(chunks).count(b"event: end") == 1
 
 
@@ -545,3 +545,25 @@ async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
     await owner.publish_cancel(ghost)
     assert await client.exists(f"{prefix}stream:{ghost}") == 0
     await client.aclose()
+
+
+class _ContentThenGone(_EndThenGone):
+    async def follow(self, sid: str, after: int) -> Any:
+        yield 4, f'id: {sid}:4\ndata: {{"content":"x"}}\n\n'.encode()
+        raise StoreUnavailable("gone", code="store_unavailable")
+
+
+async def test_a_reader_that_loses_the_store_repeats_the_last_real_id():
+    from app.streams import Streams
+    from tests.harness import make_settings
+
+    sid = "gen_" + "e" * 32
+    streams = Streams(make_settings(), _ContentThenGone())  # type: ignore[arg-type]
+    body = await streams.subscribe(sid, "c", 3)
+    assert body is not None
+    tail = [c async for c in body][-1].decode()
+    frames = [f for f in tail.split("\n\n") if f]
+    assert len(frames) == 3  # error, end, [DONE]
+    assert all(f.startswith(f"id: {sid}:4\n") for f in frames)
+    assert "event: error" in frames[0] and "event: end" in frames[1]
+    assert frames[2].endswith("data: [DONE]")

@@ -419,6 +419,7 @@ class Streams:
                 run.keeper.cancel()
                 run.keeper = None
         tail = b""
+        last = after
         try:
             if after < 0:
                 # The stream's id at once: a reconnect while the first token is
@@ -428,17 +429,19 @@ class Streams:
                 hint = b""
             else:
                 hint = retry_hint()  # a fresh jitter on every reconnect
-            async for _, data in self.store.follow(sid, after):
+            async for n, data in self.store.follow(sid, after):
                 if hint:
                     data, hint = hint + data, b""
-                tail = data
+                tail, last = data, n
                 yield data
         except StoreUnavailable as exc:
+            # Each with the last real event's id again: the log may yet hold real
+            # events under the next numbers, and a resume must ask for them.
+            again = b"id: %s\n" % (sid if last < 0 else f"{sid}:{last}").encode()
             if b"\nevent: end\n" in tail:
-                yield DONE  # the end came already (without its [DONE]: Redis woke us between)
+                yield again + DONE  # the end came already (Redis woke us before its [DONE])
             else:
-                # Without ids: the log may yet hold real events under the next numbers.
-                yield b"".join(ending_frames(sid, None, exc))
+                yield b"".join(again + f for f in ending_frames(sid, None, exc))
         finally:
             if run is not None:
                 run.readers -= 1

@@ -46,7 +46,7 @@ def ending_frames(
     *,
     model: str = "",
 ) -> list[bytes]:
-    """``error``, ``end`` and ``[DONE]`` numbered from ``n`` (None: without ids), for a stream
+    """``error``, ``end`` and ``[DONE]`` numbered from ``n`` (None: no id lines), for a stream
     whose log broke or whose owner is gone (usage is not known there); with ``start`` first
     when nothing was logged yet (``n`` = 0)."""
     enc = SimpleStreamEncoder(stream_id)
