@@ -86,6 +86,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         redis_client = connect(settings.redis_url)
     streams = make_streams(settings, redis_client)
+    router.metrics.gauge(
+        "gateway_resumable_streams",
+        "resumable streams this instance runs (readers attached or not)",
+        lambda: len(streams.runs),
+    )
     drain = Drain(router, settings.shutdown_grace_s, streams)
     # Readers of streams that run on other instances: clients reconnect elsewhere.
     drain.before_exit.append(lambda: setattr(streams.store, "closing", True))

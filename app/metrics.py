@@ -3,10 +3,12 @@
 Everything is counted per request or per stream, never per chunk: HTTP
 requests by route and status; streams by route, model, provider and outcome
 (the finish reason); time to first token and stream duration; tokens in and
-out; upstream attempts, retries and fallbacks by target. Active streams and
-circuit states are read when scraped, so keeping them costs nothing between
-scrapes. Model labels are configured targets, or ``provider/*`` for a
-provider open to any model id, so clients cannot grow the label sets.
+out; upstream attempts, retries and fallbacks by target; resumes of
+resumable streams and requests refused by a rate limit. Active streams,
+resumable streams run here and circuit states are read when scraped, so
+keeping them costs nothing between scrapes. Model labels are configured
+targets, or ``provider/*`` for a provider open to any model id, so clients
+cannot grow the label sets.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ class _LiveCollector(Collector):
     def __init__(self, circuits: Circuits, active: Callable[[], int]) -> None:
         self._circuits = circuits
         self._active = active
+        self.gauges: list[tuple[str, str, Callable[[], int]]] = []
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "gateway_active_streams", "streams being relayed now", value=float(self._active())
         )
+        for name, doc, read in self.gauges:
+            yield GaugeMetricFamily(name, doc, value=float(read()))
         state = GaugeMetricFamily(
             "gateway_circuit_state",
             "1 for the state each target's circuit breaker is in",
@@ -107,7 +112,23 @@ class Metrics:
             ["from_target", "to_target"],
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(circuits, active))
+        self.resumes = Counter(
+            "gateway_stream_resumes",
+            "reads of a resumable stream that carried a Last-Event-ID",
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "requests refused by a per-client limit, by its code",
+            ["code"],
+            registry=self.registry,
+        )
+        self._live = _LiveCollector(circuits, active)
+        self.registry.register(self._live)
+
+    def gauge(self, name: str, doc: str, read: Callable[[], int]) -> None:
+        """A gauge read when scraped."""
+        self._live.gauges.append((name, doc, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -567,3 +567,21 @@ async def test_a_reader_that_loses_the_store_repeats_the_last_real_id():
     assert all(f.startswith(f"id: {sid}:4\n") for f in frames)
     assert "event: error" in frames[0] and "event: end" in frames[1]
     assert frames[2].endswith("data: [DONE]")
+
+
+def test_metrics_count_resumes_refusals_and_resumable_streams(make_gateway, openai_fake, store):
+    openai_fake.default = Scenario(chunks=[f"w{i}" for i in range(300)], interval=0.02)
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model=MODEL, max_concurrent_streams=1, **store
+    )
+    sid, url = start(gw)
+    first = read(url, content=2)
+    read(url, last=first[-1].id, content=2)
+    r = httpx.post(gw.url + "/chat/streams", json={"prompt": "hi"})
+    assert r.status_code == 429
+    text = httpx.get(gw.url + "/metrics").text
+    assert "gateway_stream_resumes_total 1.0" in text
+    assert 'gateway_rate_limited_total{code="too_many_concurrent_streams"} 1.0' in text
+    assert "gateway_resumable_streams 1.0" in text
+    assert httpx.delete(gw.url + f"/chat/streams/{sid}").status_code == 200
+    assert "gateway_resumable_streams 0.0" in httpx.get(gw.url + "/metrics").text

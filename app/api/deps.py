@@ -18,7 +18,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
-from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
+from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest, RateLimited
 from app.limits import RateLimits, Slot
 from app.providers.base import ChatRequest
 from app.relay import Generation
@@ -181,6 +181,15 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+async def admit(state: GatewayState, client: str) -> Slot:
+    """The client's place under its rate limit and concurrency cap (429 otherwise)."""
+    try:
+        return await state.limits.admit(client)
+    except RateLimited as exc:
+        state.router.metrics.rate_limited.labels(exc.code or "").inc()
+        raise
+
+
 async def opening(router: Router, route: Route, chat: ChatRequest, slot: Slot) -> Generation:
     """Open a generation that holds ``slot`` until it is over."""
     try:
@@ -196,5 +205,5 @@ async def open_generation(
     request: Request, state: GatewayState, route: Route, chat: ChatRequest
 ) -> Generation:
     """Admit the client (rate limit, concurrency cap), then open while it stays connected."""
-    slot = await state.limits.admit(client_id(request))
+    slot = await admit(state, client_id(request))
     return await while_connected(request, opening(state.router, route, chat, slot))

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import RequestId, State, client_id, json_body, require_key, validate
+from app.api.deps import RequestId, State, admit, client_id, json_body, require_key, validate
 from app.api.schemas import FanoutBody
 from app.errors import GatewayError, InvalidRequest
 from app.events import ChatEvent, End, Error, Start
@@ -49,7 +49,7 @@ async def chat_fanout(request: Request, state: State, rid: RequestId) -> Respons
         return body.to_request(rid, "/chat/fanout")
 
     # One request, one slot, whatever the number of models compared.
-    slot = await state.limits.admit(client_id(request))
+    slot = await admit(state, client_id(request))
     return sse_response(
         fanout(state.router, routes, make_request, encoder, slot),
         request_id=rid,

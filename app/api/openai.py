@@ -14,6 +14,7 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     RequestId,
     State,
+    admit,
     client_id,
     json_body,
     open_generation,
@@ -36,7 +37,7 @@ async def chat_completions(request: Request, state: State, rid: RequestId) -> Re
     route = state.router.resolve(body.model)
     chat = body.to_request(rid, "/v1/chat/completions")
     if not body.stream:
-        slot = await state.limits.admit(client_id(request))
+        slot = await admit(state, client_id(request))
         result = await while_connected(request, complete(opening(state.router, route, chat, slot)))
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
     gen = await open_generation(request, state, route, chat)

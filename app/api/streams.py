@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from app.api.deps import (
     RequestId,
     State,
+    admit,
     client_id,
     json_body,
     require_key,
@@ -41,6 +42,8 @@ def last_event_id(request: Request) -> str | None:
 
 async def resume(state: State, rid: str, sid: str, client: str, after: int) -> Response:
     body = await state.streams.subscribe(sid, client, after)
+    if after >= 0:
+        state.router.metrics.resumes.inc()
     if body is None:
         # Everything was delivered; 204 stops EventSource reconnecting.
         return Response(status_code=204, headers={"X-Request-ID": rid})
@@ -52,7 +55,7 @@ async def create_stream(request: Request, state: State, rid: RequestId) -> Respo
     body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)
     state.router.refuse_if_draining()
-    slot = await state.limits.admit(client_id(request))
+    slot = await admit(state, client_id(request))
     chat = body.to_request(rid, "/chat/streams")
     run = await state.streams.start(
         client_id(request), route.name, lambda: state.router.open(route, chat), slot=slot

@@ -22,7 +22,7 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from app.api.deps import GatewayState, client_of, describe, key_matches, opening
+from app.api.deps import GatewayState, admit, client_of, describe, key_matches, opening
 from app.api.schemas import SimpleChatBody
 from app.errors import Cancelled, GatewayError, InvalidRequest
 from app.events import End
@@ -102,7 +102,7 @@ class Session:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            slot = await self.state.limits.admit(self.client)
+            slot = await admit(self.state, self.client)
             gen = await opening(self.state.router, route, request, slot)
         except GatewayError as exc:
             await self.error(exc)
