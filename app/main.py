@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials="*" not in origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location"],
             max_age=600,
         )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)

@@ -299,6 +299,9 @@ class Streams:
             if run.keeper is not None:
                 run.keeper.cancel()
             try:
+                if run.gen is not None:
+                    # Idempotent; covers a generation whose events() never started.
+                    await run.gen.aclose()
                 await self._settle(run, enc, ended=ended, failed=failed, trouble=trouble)
             finally:
                 # Only now: a drain waits for the last write too.
