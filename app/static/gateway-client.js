@@ -175,7 +175,8 @@ async function postSSE(url, body, { signal, headers } = {}) {
 }
 
 // Read an SSE response to its end (or to [DONE]); handle({event, data, id}) per event.
-async function readEvents(response, handle) {
+// conn, if given, gets .parser (its .retry outlives a read that failed).
+async function readEvents(response, handle, conn) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder("utf-8");
   let done = false;
@@ -186,6 +187,7 @@ async function readEvents(response, handle) {
     if (parsed.data === "[DONE]") done = true;
     handle(parsed);
   });
+  if (conn) conn.parser = parser;
   try {
     while (!done) {
       const { value, done: eof } = await reader.read();
@@ -285,6 +287,171 @@ export async function streamFanout(
     throw err;
   }
   return { results };
+}
+
+function abortReason(signal) {
+  return signal.reason !== undefined
+    ? signal.reason
+    : new DOMException("This operation was aborted", "AbortError");
+}
+
+// Wait ms, or reject with the abort reason as soon as signal aborts.
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal && signal.aborted) {
+      reject(abortReason(signal));
+      return;
+    }
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(abortReason(signal));
+    };
+    const timer = setTimeout(() => {
+      if (signal) signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    if (signal) signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+// A reconnect worth trying again after these (a proxy or a restarting gateway).
+const retryable = (status) => status === 408 || status === 429 || status >= 500;
+
+/**
+ * Start a resumable stream (POST /chat/streams) and follow it over fetch, resuming after drops.
+ * When the connection fails or ends before [DONE], it waits the server's retry: hint (3 s
+ * without one, at most maxRetryDelay ms) and reads the stream's events again with
+ * Last-Event-ID set to the last event it handed over: the gateway sends only what came after,
+ * and the generation runs once.  A 204 means everything was delivered.
+ * Rejects like streamChat on an HTTP error (.status, .error), also on reconnect (404: the stream
+ * expired); with an Error whose .code is "reconnect_failed" after maxRetries reconnects in a row
+ * that brought no new event; with the AbortError when signal aborts, after sending
+ * DELETE /chat/streams/{id} so that the generation stops (an abort before the POST was answered
+ * has no id to stop: the gateway ends a stream nobody reads after GATEWAY_RESUME_GRACE_S).
+ * Resolves with {text, end, error, id, reconnects}.
+ */
+export async function streamResumable(
+  body,
+  {
+    onToken,
+    onEvent,
+    signal,
+    url = "/chat/streams",
+    headers,
+    maxRetries = 5,
+    maxRetryDelay = 10000,
+  } = {},
+) {
+  const created = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...headers },
+    body: JSON.stringify(body),
+    signal,
+    cache: "no-store",
+  });
+  if (!created.ok) throw await httpError(created);
+  const { id, events_url: eventsPath } = await created.json();
+  const base = new URL(url, globalThis.location ? globalThis.location.href : undefined);
+  const eventsUrl = new URL(eventsPath, base);
+  const stopUrl = new URL(`${base.pathname.replace(/\/+$/, "")}/${encodeURIComponent(id)}`, base);
+
+  let text = "";
+  let end = null;
+  let error = null;
+  let lastId = ""; // the id of the last event handed over: where a resume starts
+  let retry; // the server's latest retry: hint, in ms
+  let reconnects = 0;
+  let failed = 0; // reconnects in a row that brought no new event
+  let cause = null; // why the last connection ended early
+  let callbackFailed = false; // onToken/onEvent threw: that is no drop, so no reconnect
+  const handle = (ev) => {
+    if (signal && signal.aborted) return; // stopped: nothing more is handed over
+    lastId = ev.id;
+    try {
+      if (ev.event === "message" && ev.data && typeof ev.data === "object") {
+        const piece = ev.data.content;
+        if (typeof piece === "string") {
+          text += piece;
+          if (onToken) onToken(piece);
+        }
+      } else if (ev.event === "end") {
+        end = ev.data;
+      } else if (ev.event === "error") {
+        error = ev.data && ev.data.error ? ev.data.error : ev.data;
+      }
+      if (onEvent) onEvent(ev);
+    } catch (err) {
+      callbackFailed = true;
+      throw err;
+    }
+  };
+
+  try {
+    for (let attempt = 0; ; attempt++) {
+      if (attempt > 0) {
+        if (failed >= maxRetries) {
+          const tries = failed === 1 ? "1 failed reconnect" : `${failed} failed reconnects`;
+          const err = new Error(
+            `gave up on stream ${id} after ${tries} in a row` +
+              (cause && cause.message ? ` (last: ${cause.message})` : ""),
+          );
+          err.code = "reconnect_failed";
+          err.id = id;
+          err.text = text;
+          err.reconnects = reconnects;
+          err.cause = cause;
+          throw err;
+        }
+        const wait = retry === undefined ? 3000 : retry;
+        await sleep(Math.max(0, Math.min(wait, maxRetryDelay)), signal);
+        reconnects += 1;
+      }
+      const before = lastId;
+      let response = null;
+      try {
+        response = await fetch(eventsUrl, {
+          headers: {
+            Accept: "text/event-stream",
+            ...headers,
+            ...(lastId ? { "Last-Event-ID": lastId } : {}),
+          },
+          signal,
+          cache: "no-store",
+        });
+      } catch (err) {
+        if (signal && signal.aborted) throw err;
+        cause = err; // a network error: try again
+      }
+      if (response && response.status === 204) break; // all delivered already
+      if (response && !response.ok) {
+        const err = await httpError(response);
+        if (!retryable(response.status)) throw err;
+        cause = err;
+      } else if (response) {
+        const conn = {};
+        try {
+          if (await readEvents(response, handle, conn)) break; // [DONE]
+          cause = incomplete(text);
+        } catch (err) {
+          if (callbackFailed || (signal && signal.aborted)) throw err;
+          cause = err; // the connection dropped mid-stream
+        }
+        if (conn.parser && conn.parser.retry !== undefined) retry = conn.parser.retry;
+      }
+      if (attempt > 0) failed = lastId === before ? failed + 1 : 0;
+    }
+    if (signal && signal.aborted) throw abortReason(signal); // in a callback, at the end
+  } catch (err) {
+    if (signal && signal.aborted) {
+      // Stop the generation too: leaving would only detach this reader.
+      fetch(stopUrl, { method: "DELETE", headers, keepalive: true, cache: "no-store" }).catch(
+        () => {},
+      );
+      throw abortReason(signal);
+    }
+    throw err;
+  }
+  return { text, end, error, id, reconnects };
 }
 
 /**
