@@ -495,10 +495,13 @@ def test_app_exit_ends_running_streams_as_a_shutdown(make_gateway, openai_fake, 
     assert end["finish_reason"] == "cancelled" and end["usage"]["output_tokens"] > 0
 
 
-class _EndThenGone:
-    """A store whose reader gets the end, then loses the store before [DONE]."""
+class _LostAfter:
+    """A store whose reader gets ``frame`` (event 4), then loses the store."""
 
     closing = False
+
+    def __init__(self, frame: str) -> None:
+        self.frame = frame
 
     async def meta(self, sid: str) -> Any:
         from app.streams.store import Meta
@@ -506,21 +509,33 @@ class _EndThenGone:
         return Meta("c", False, 3)
 
     async def follow(self, sid: str, after: int) -> Any:
-        yield 4, f"id: {sid}:4\nevent: end\ndata: {{}}\n\n".encode()
+        yield 4, f"id: {sid}:4\n{self.frame}\n\n".encode()
         raise StoreUnavailable("gone", code="store_unavailable")
 
 
-async def test_a_reader_that_loses_the_store_after_the_end_sends_only_done():
+async def _read_after_loss(frame: str) -> tuple[str, list[str]]:
     from app.streams import Streams
     from tests.harness import make_settings
 
     sid = "gen_" + "b" * 32
-    streams = Streams(make_settings(), _EndThenGone())  # type: ignore[arg-type]
+    streams = Streams(make_settings(), _LostAfter(frame))  # type: ignore[arg-type]
     body = await streams.subscribe(sid, "c", 3)
     assert body is not None
     chunks = [c async for c in body]
-    assert chunks[-1] == f"id: {sid}:4\ndata: [DONE]\n\n".encode()
-    assert b"".join(chunks).count(b"event: end") == 1
+    return sid, [f for f in b"".join(chunks[1:]).decode().split("\n\n") if f]
+
+
+async def test_a_reader_that_loses_the_store_repeats_the_last_real_id():
+    sid, frames = await _read_after_loss('data: {"content":"x"}')
+    assert len(frames) == 3  # error, end, [DONE], each with the last real id
+    assert all(f.startswith(f"id: {sid}:4\n") for f in frames)
+    assert "event: error" in frames[0] and "event: end" in frames[1]
+    assert frames[2].endswith("data: [DONE]")
+
+
+async def test_a_reader_that_loses_the_store_after_the_end_sends_only_done():
+    sid, frames = await _read_after_loss("event: end\ndata: {}")
+    assert frames == [f"id: {sid}:4\ndata: [DONE]"]
 
 
 async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
@@ -545,28 +560,6 @@ async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
     await owner.publish_cancel(ghost)
     assert await client.exists(f"{prefix}stream:{ghost}") == 0
     await client.aclose()
-
-
-class _ContentThenGone(_EndThenGone):
-    async def follow(self, sid: str, after: int) -> Any:
-        yield 4, f'id: {sid}:4\ndata: {{"content":"x"}}\n\n'.encode()
-        raise StoreUnavailable("gone", code="store_unavailable")
-
-
-async def test_a_reader_that_loses_the_store_repeats_the_last_real_id():
-    from app.streams import Streams
-    from tests.harness import make_settings
-
-    sid = "gen_" + "e" * 32
-    streams = Streams(make_settings(), _ContentThenGone())  # type: ignore[arg-type]
-    body = await streams.subscribe(sid, "c", 3)
-    assert body is not None
-    tail = [c async for c in body][-1].decode()
-    frames = [f for f in tail.split("\n\n") if f]
-    assert len(frames) == 3  # error, end, [DONE]
-    assert all(f.startswith(f"id: {sid}:4\n") for f in frames)
-    assert "event: error" in frames[0] and "event: end" in frames[1]
-    assert frames[2].endswith("data: [DONE]")
 
 
 def test_metrics_count_resumes_refusals_and_resumable_streams(make_gateway, openai_fake, store):

@@ -223,29 +223,34 @@ export async function streamChat(
   { onToken, onEvent, signal, url = "/chat/stream", headers } = {},
 ) {
   const response = await postSSE(url, body, { signal, headers });
-  let text = "";
-  let end = null;
-  let error = null;
-  const complete = await readEvents(response, (ev) => {
+  const got = collector(onToken, onEvent);
+  const complete = await readEvents(response, got.handle);
+  if (!complete && !got.end) {
+    const err = incomplete(got.text);
+    err.error = got.error;
+    throw err;
+  }
+  return { text: got.text, end: got.end, error: got.error };
+}
+
+// What a simple-protocol stream leaves: its text, its end and error events' data.
+function collector(onToken, onEvent) {
+  const got = { text: "", end: null, error: null };
+  got.handle = (ev) => {
     if (ev.event === "message" && ev.data && typeof ev.data === "object") {
       const piece = ev.data.content;
       if (typeof piece === "string") {
-        text += piece;
+        got.text += piece;
         if (onToken) onToken(piece);
       }
     } else if (ev.event === "end") {
-      end = ev.data;
+      got.end = ev.data;
     } else if (ev.event === "error") {
-      error = ev.data && ev.data.error ? ev.data.error : ev.data;
+      got.error = ev.data && ev.data.error ? ev.data.error : ev.data;
     }
     if (onEvent) onEvent(ev);
-  });
-  if (!complete && !end) {
-    const err = incomplete(text);
-    err.error = error;
-    throw err;
-  }
-  return { text, end, error };
+  };
+  return got;
 }
 
 /**
@@ -355,9 +360,7 @@ export async function streamResumable(
   const eventsUrl = new URL(eventsPath, base);
   const stopUrl = new URL(`${base.pathname.replace(/\/+$/, "")}/${encodeURIComponent(id)}`, base);
 
-  let text = "";
-  let end = null;
-  let error = null;
+  const got = collector(onToken, onEvent);
   let lastId = ""; // the id of the last event handed over: where a resume starts
   let retry; // the server's latest retry: hint, in ms
   let reconnects = 0;
@@ -368,18 +371,7 @@ export async function streamResumable(
     if (signal && signal.aborted) return; // stopped: nothing more is handed over
     lastId = ev.id;
     try {
-      if (ev.event === "message" && ev.data && typeof ev.data === "object") {
-        const piece = ev.data.content;
-        if (typeof piece === "string") {
-          text += piece;
-          if (onToken) onToken(piece);
-        }
-      } else if (ev.event === "end") {
-        end = ev.data;
-      } else if (ev.event === "error") {
-        error = ev.data && ev.data.error ? ev.data.error : ev.data;
-      }
-      if (onEvent) onEvent(ev);
+      got.handle(ev);
     } catch (err) {
       callbackFailed = true;
       throw err;
@@ -397,7 +389,7 @@ export async function streamResumable(
           );
           err.code = "reconnect_failed";
           err.id = id;
-          err.text = text;
+          err.text = got.text;
           err.reconnects = reconnects;
           err.cause = cause;
           throw err;
@@ -431,7 +423,7 @@ export async function streamResumable(
         const conn = {};
         try {
           if (await readEvents(response, handle, conn)) break; // [DONE]
-          cause = incomplete(text);
+          cause = incomplete(got.text);
         } catch (err) {
           if (callbackFailed || (signal && signal.aborted)) throw err;
           cause = err; // the connection dropped mid-stream
@@ -451,7 +443,7 @@ export async function streamResumable(
     }
     throw err;
   }
-  return { text, end, error, id, reconnects };
+  return { text: got.text, end: got.end, error: got.error, id, reconnects };
 }
 
 /**
