@@ -120,12 +120,37 @@ def fake_providers(openai_fake: Any = None, anthropic_fake: Any = None) -> dict[
     return providers
 
 
-def read_sse(response: Any) -> list[Any]:
+def sse(response: Any) -> Iterator[Any]:
     """The events of a simple-protocol response a browser would dispatch, through httpx-sse
     (which also reports a blank line after an ``id:`` alone, as a resumable stream sends first)."""
     from httpx_sse import EventSource
 
-    return [e for e in EventSource(response).iter_sse() if e.data or e.event != "message"]
+    return (e for e in EventSource(response).iter_sse() if e.data or e.event != "message")
+
+
+def read_sse(response: Any) -> list[Any]:
+    return list(sse(response))
+
+
+def read_stream(
+    url: str, *, last: str | None = None, content: int | None = None, **kw: Any
+) -> list[Any]:
+    """Events of a GET stream (after ``last``); with ``content``, leave after that many texts."""
+    import httpx
+
+    headers = {"Last-Event-ID": last} if last else {}
+    events: list[Any] = []
+    with httpx.stream("GET", url, headers=headers, timeout=15, **kw) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        seen = 0
+        for ev in sse(r):
+            events.append(ev)
+            if ev.event == "message" and ev.data != "[DONE]":
+                seen += 1
+                if content is not None and seen >= content:
+                    break
+    return events
 
 
 @pytest.fixture

@@ -19,17 +19,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
 
 from tests.fakes import OpenAIFake, Scenario
-from tests.harness import free_port, gateway_env, wait_until_serving
+from tests.harness import free_port, gateway_env, sse, wait_until_serving
+from tests.harness import read_stream as read
 from tests.redis_server import RedisServer
-
-
-def sse(response: Any) -> Iterator[ServerSentEvent]:
-    """The events a browser would dispatch (an id with no data, sent first, is not one)."""
-    return (e for e in EventSource(response).iter_sse() if e.data or e.event != "message")
-
 
 CHUNKS = [f"t{i} " for i in range(40)]
 LONG = Scenario(chunks=[f"w{i}" for i in range(500)], interval=0.02)
@@ -98,21 +93,6 @@ def start(inst: Instance, path: str = "/chat/streams") -> tuple[str, str]:
     r = httpx.post(inst.url + path, json={"prompt": "hi"}, timeout=10)
     assert r.status_code == 201, r.text
     return r.json()["id"], r.json()["events_url"]
-
-
-def read(url: str, *, last: str | None = None, content: int | None = None, **kw: Any):
-    headers = {"Last-Event-ID": last} if last else {}
-    events: list[ServerSentEvent] = []
-    with httpx.stream("GET", url, headers=headers, timeout=15, **kw) as r:
-        assert r.status_code == 200, r.read()
-        seen = 0
-        for ev in sse(r):
-            events.append(ev)
-            if ev.event == "message" and ev.data != "[DONE]":
-                seen += 1
-                if content is not None and seen >= content:
-                    break
-    return events
 
 
 def ids(sid: str, events: list[ServerSentEvent]) -> list[str]:

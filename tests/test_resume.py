@@ -10,23 +10,18 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
 
 from app.errors import StoreUnavailable
 from app.wire.simple import ending_frames
 from tests.fakes import Scenario
-
-
-def sse(response: Any) -> Iterator[ServerSentEvent]:
-    """The events a browser would dispatch (an id with no data, sent first, is not one)."""
-    return (e for e in EventSource(response).iter_sse() if e.data or e.event != "message")
-
+from tests.harness import read_stream as read
+from tests.harness import sse
 
 CHUNKS = [f"t{i} " for i in range(40)]
 DRIP = Scenario(chunks=CHUNKS, interval=0.03)
@@ -55,23 +50,6 @@ def start(gw, **body: Any) -> tuple[str, str]:
     assert data["events_url"] == f"/chat/streams/{data['id']}/events"
     assert r.headers["location"] == data["events_url"]
     return data["id"], gw.url + data["events_url"]
-
-
-def read(url: str, *, last: str | None = None, content: int | None = None, **kw: Any):
-    """Events from ``url`` (after ``last``); with ``content``, leave after that many texts."""
-    headers = {"Last-Event-ID": last} if last else {}
-    events: list[ServerSentEvent] = []
-    with httpx.stream("GET", url, headers=headers, timeout=10, **kw) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        seen = 0
-        for ev in sse(r):
-            events.append(ev)
-            if ev.event == "message" and ev.data != "[DONE]":
-                seen += 1
-                if content is not None and seen >= content:
-                    break
-    return events
 
 
 def check_whole(sid: str, events: list[ServerSentEvent], *, text: str) -> dict[str, Any]:
