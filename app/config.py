@@ -33,8 +33,11 @@ class ProviderConfig(BaseModel):
     total_timeout_s: float | None = Field(default=None, gt=0)
     # The upstream continues a trailing assistant message instead of starting a
     # new turn (Anthropic prefill; vLLM's continue_final_message). Only such
-    # providers are asked to continue a broken answer (see AliasConfig).
+    # targets are asked to continue a broken answer (see AliasConfig). The
+    # default for this provider's models; ``continuation`` overrides it per
+    # model id ({"gpt-4o-mini": false}).
     accepts_continuation: bool = False
+    continuation: dict[str, bool] = Field(default_factory=dict)
 
 
 class AliasConfig(BaseModel):
@@ -48,6 +51,9 @@ class AliasConfig(BaseModel):
     # After a cut, stall or unparseable chunk with text already sent, ask the
     # next target that accepts continuation to finish the answer.
     continue_on_failure: bool = False
+    # Per target ("provider/model"): whether it may be asked to continue,
+    # over its provider's setting.
+    continuation: dict[str, bool] = Field(default_factory=dict)
 
 
 def _split_commas(value: Any) -> Any:
@@ -90,6 +96,9 @@ class Settings(BaseSettings):
     # let one probe through after the cool-down.
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_cooldown_s: float = Field(default=30.0, gt=0)
+    # Breakers are kept for at most this many targets (least recently used
+    # evicted), so that clients naming model ids cannot grow the table.
+    circuit_max_targets: int = Field(default=1024, ge=16)
     # Resumable streams (GET /chat/stream, /chat/streams): how long one runs on
     # with no reader, waiting for a reconnect, before it is cancelled.
     resume_grace_s: float = Field(default=10.0, ge=0)
@@ -106,6 +115,29 @@ class Settings(BaseSettings):
     rate_limit_rpm: int | None = Field(default=None, ge=1)
     max_concurrent_streams: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Before authentication (app.server): request line + headers of one
+    # request, the time they may take to arrive, an idle keep-alive connection.
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    # /ws/chat: the largest message a client may send (unset: GATEWAY_MAX_BODY_BYTES),
+    # and how long an unauthenticated connection may take to send its auth frame.
+    ws_max_message_bytes: int | None = Field(default=None, ge=1024)
+    ws_auth_timeout_s: float = Field(default=10.0, gt=0)
+    # Request bodies: JSON nested deeper than this anywhere, and model names
+    # longer than this, are refused with a 400.
+    max_json_depth: int = Field(default=32, ge=4, le=256)
+    max_model_length: int = Field(default=256, ge=16)
+    # After authentication: readers attached to one resumable stream, readers
+    # one client holds at once, and streaming responses (relays and readers)
+    # open in this process. Over a cap: 429 (per stream, per client) or 503.
+    max_readers_per_stream: int = Field(default=8, ge=1)
+    max_readers_per_client: int = Field(default=64, ge=1)
+    max_open_streams: int = Field(default=10_000, ge=1)
+    # No-key mode only: Host names served besides loopback ones (DNS rebinding).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # /metrics requires a client key (one of GATEWAY_API_KEYS) when true.
+    metrics_require_key: bool = False
     # Shared state for several instances: replay logs, cancels, rate limits.
     redis_url: str | None = None
     redis_prefix: str = "gateway:"
@@ -114,8 +146,8 @@ class Settings(BaseSettings):
     fanout_max_models: int = Field(default=4, ge=2, le=16)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Addresses (or CIDR networks) whose X-Forwarded-* headers are believed:
-    # the reverse proxy's.
-    forwarded_allow_ips: str = "127.0.0.1"
+    # the reverse proxy's. Unset: none (a client's own X-Forwarded-For is ignored).
+    forwarded_allow_ips: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The embedded model (provider "local").
@@ -140,7 +172,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url"),
     )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -156,6 +188,9 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    def ws_max_bytes(self) -> int:
+        return self.ws_max_message_bytes or self.max_body_bytes
 
     def longest_stream_s(self) -> float:
         """The longest a generation can run: the largest total timeout, and the resume grace."""

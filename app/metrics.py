@@ -123,6 +123,12 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.refused = Counter(
+            "gateway_limit_refusals",
+            "requests and connections refused by a resource or safety limit, by limit",
+            ["limit"],
+            registry=self.registry,
+        )
         self._live = _LiveCollector(circuits, active)
         self.registry.register(self._live)
 
