@@ -1,0 +1,58 @@
+"""Structural bounds on a parsed request body, checked before any model validation.
+
+Pydantic and the providers walk a body recursively: JSON nested thousands of
+levels deep (in ``response_format``, ``tools[].function.parameters`` or a
+message part) would cost stack and time long before a field is found wrong,
+so depth is refused first, with the path of the deepest offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import InvalidRequest
+
+
+def too_deep(value: Any, limit: int) -> str | None:
+    """The path (``a.b[0].c``) where ``value`` nests deeper than ``limit``, or None.
+
+    Iterative, so that a hostile body cannot exhaust the stack here either.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth >= limit:
+                return path or "body"
+            for key, child in node.items():
+                if isinstance(child, dict | list):
+                    stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(node, list):
+            if depth >= limit:
+                return path or "body"
+            for i, child in enumerate(node):
+                if isinstance(child, dict | list):
+                    stack.append((child, f"{path}[{i}]", depth + 1))
+    return None
+
+
+def check_depth(value: Any, limit: int) -> None:
+    """A 400 naming the field when ``value`` nests deeper than ``limit``."""
+    path = too_deep(value, limit)
+    if path is not None:
+        field = path.split("[", 1)[0].split(".", 1)[0] or None
+        raise InvalidRequest(
+            f"{path}: JSON nested deeper than {limit} levels (GATEWAY_MAX_JSON_DEPTH)",
+            param=field,
+            code="json_too_deep",
+        )
+
+
+def check_model(value: Any, limit: int, param: str = "model") -> None:
+    """A 400 for a model name longer than ``limit`` characters (it would be echoed and logged)."""
+    if isinstance(value, str) and len(value) > limit:
+        raise InvalidRequest(
+            f"{param}: longer than {limit} characters (GATEWAY_MAX_MODEL_LENGTH)",
+            param=param,
+            code="model_too_long",
+        )
