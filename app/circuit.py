@@ -1,4 +1,5 @@
-"""A circuit breaker per target, so that a provider that is down is not hammered.
+"""A circuit breaker per target (``provider/model``), so that a target that is down
+is not hammered, and one failing model id never closes the door on another.
 
 ::
 
@@ -16,12 +17,18 @@ that ended with its finish reason, so a target that breaks every stream after
 its first tokens does open.
 
 State lives in the process; every instance learns on its own (the breakers
-guard each instance's own calls, so that is enough).
+guard each instance's own calls, so that is enough). The table is bounded
+(``GATEWAY_CIRCUIT_MAX_TARGETS``, least recently used evicted): clients that
+name thousands of model ids cannot grow it, and never share a breaker.
+
+A breaker also remembers that its target rejected a continuation (a
+prefilled assistant turn), so that it is not asked again (``app.failover``).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +47,7 @@ class Breaker:
     opened_at: float = 0.0
     probing: bool = False
     opened_count: int = field(default=0)
+    rejects_continuation: bool = False
 
     def admit(self) -> Admission:
         """May a request go to this target now? ``probe``: it took the half-open probe slot."""
@@ -88,21 +96,33 @@ class Breaker:
 
 
 class Circuits:
-    """The breakers of every target, created on first use."""
+    """The breakers of the targets called lately, created on first use, at most ``max_targets``."""
 
     def __init__(
-        self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        threshold: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_targets: int = 1024,
     ) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.clock = clock
-        self.breakers: dict[str, Breaker] = {}
+        self.max_targets = max_targets
+        self.breakers: OrderedDict[str, Breaker] = OrderedDict()
+        self.evicted = 0
 
     def get(self, target: str) -> Breaker:
-        breaker = self.breakers.get(target)
+        breakers = self.breakers
+        breaker = breakers.get(target)
         if breaker is None:
             breaker = Breaker(self.threshold, self.cooldown_s, self.clock)
-            self.breakers[target] = breaker
+            breakers[target] = breaker
+            if len(breakers) > self.max_targets:
+                breakers.popitem(last=False)
+                self.evicted += 1
+        else:
+            breakers.move_to_end(target)
         return breaker
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

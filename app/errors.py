@@ -86,10 +86,15 @@ class GatewayError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
+        retry_after = self.retry_after
+        if retry_after is None:
+            if self.http_status not in (429, 503):
+                return {}
+            # Every 429 and 503 says when to come back (API.md); where nothing
+            # better is known, a second.
+            retry_after = 1.0
         # Rounded up: a client that waits what it is told is not refused again.
-        return {"Retry-After": str(max(0, math.ceil(self.retry_after)))}
+        return {"Retry-After": str(max(1, math.ceil(retry_after)))}
 
     def json_bytes(self) -> bytes:
         return orjson.dumps(self.body())
@@ -103,6 +108,9 @@ class InvalidRequest(GatewayError):
 class AuthenticationFailed(GatewayError):
     status = 401
     error_type = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="gateway"'}
 
 
 class NotFound(GatewayError):

@@ -36,6 +36,7 @@ headers still fails over without the client seeing it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -55,6 +56,8 @@ from app.providers.base import ChatRequest
 
 if TYPE_CHECKING:
     from app.routing import Route, Router, Target
+
+log = logging.getLogger("app.failover")
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,11 +91,14 @@ def backoff(retry: int, base: float, cap: float, rng: random.Random | None = Non
 def counts_against(exc: GatewayError) -> bool:
     """Does this failure say something about the target's health?
 
-    A request's total timeout does not: it is the request's budget running out.
+    Connect errors, resets, cuts, 408/409/429/5xx and timeouts do. A request's
+    total timeout does not (its budget ran out), nor does anything the
+    upstream rightly refused: an unknown model (404), a 400, a content-policy
+    refusal, the gateway's own key (a setting to fix, not an outage).
     """
     if isinstance(exc, UpstreamTimeout):
         return exc.phase != "total"
-    return exc.is_retryable or isinstance(exc, UpstreamAuthFailed)
+    return exc.is_retryable
 
 
 def _config_fault(exc: GatewayError) -> bool:
@@ -100,6 +106,15 @@ def _config_fault(exc: GatewayError) -> bool:
     if isinstance(exc, UpstreamAuthFailed):
         return True
     return isinstance(exc, UpstreamStatus) and exc.upstream_status == 404
+
+
+def _rejects_prefill(exc: GatewayError) -> bool:
+    """A refusal of the continuation request itself (a 4xx that is not about the gateway's
+    key, the model's existence or a rate limit)."""
+    if not isinstance(exc, UpstreamStatus):
+        return False
+    status = exc.upstream_status
+    return 400 <= status < 500 and status not in (401, 403, 404, 408, 409, 429)
 
 
 def _outcome(exc: GatewayError) -> tuple[str, int | None]:
@@ -154,6 +169,20 @@ class Failover:
         self._retries = 0
         self._rerouted: tuple[str, ...] = ()
 
+    def _final(self) -> GatewayError:
+        """The error the client gets; a 429 or 503 always says when to come back.
+
+        When the upstream gave no Retry-After, the gateway's estimate is the
+        ceiling of its own next backoff (at least a second).
+        """
+        exc = most_meaningful(self.errors)
+        if exc.retry_after is None and exc.http_status in (429, 503):
+            s = self.settings
+            exc.retry_after = max(
+                1.0, min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** (self._retries + 1))
+            )
+        return exc
+
     # -- the attempts ------------------------------------------------------
 
     async def first(self) -> Opened:
@@ -180,17 +209,17 @@ class Failover:
             current = self._current
             assert current is not None
             if isinstance(failure, UpstreamTimeout) and failure.phase == "total":
-                raise most_meaningful(self.errors)
+                raise self._final()
             if failure.is_retryable:
                 delay = self._retry_delay(failure, current)
                 if delay is not None:
                     self._retries += 1
-                    self.router.metrics.retries.labels(self.router.health_key(current)).inc()
+                    self.router.metrics.retries.labels(self.router.metric_key(current)).inc()
                     return current, delay, False
             elif isinstance(failure, UpstreamStatus) and failure.reason is not None:
                 self._reroute(failure)
             elif not _config_fault(failure):
-                raise most_meaningful(self.errors)
+                raise self._final()
         return self._next_target()
 
     def _retry_delay(self, failure: GatewayError, current: Target) -> float | None:
@@ -221,7 +250,7 @@ class Failover:
             else route.content_policy_fallbacks
         )
         if not fallbacks or failure.reason in self._rerouted:
-            raise most_meaningful(self.errors)
+            raise self._final()
         assert failure.reason is not None
         self._rerouted += (failure.reason,)
         self._queue = list(fallbacks)
@@ -243,13 +272,13 @@ class Failover:
                 continue
             if self._current is not None:
                 router.metrics.fallbacks.labels(
-                    router.health_key(self._current), router.health_key(target)
+                    router.metric_key(self._current), router.metric_key(target)
                 ).inc()
             self._current = target
             self._retries = 0
             return target, 0.0, probe
         if self.errors:
-            raise most_meaningful(self.errors)
+            raise self._final()
         wait = min(router.breaker(t).retry_in() for t in self.route.targets)
         raise Overloaded(
             "every target of this model is failing (circuit open); retry later",
@@ -263,7 +292,7 @@ class Failover:
         breaker = router.breaker(target)
         record = AttemptRecord(target.name)
         self.records.append(record)
-        router.metrics.attempts.labels(router.health_key(target)).inc()
+        router.metrics.attempts.labels(router.metric_key(target)).inc()
         started = self.loop.time()
         # The provider reads the request when the stream starts (below), so one
         # request object serves every attempt in turn.
@@ -321,14 +350,18 @@ class Failover:
         router = self.router
         while self._queue:
             target = self._queue.pop(0)
-            if not router.configs[target.provider].accepts_continuation:
+            if not router.accepts_continuation(self.route, target):
                 continue
             probe = self._admit(target)
             if probe is None:
                 continue
             try:
                 opened = await self._open(target, request, probe)
-            except GatewayError:
+            except GatewayError as exc:
+                if _rejects_prefill(exc):
+                    # Not asked again: the next broken answer goes elsewhere at once.
+                    router.breaker(target).rejects_continuation = True
+                    log.info("target %s rejected a continuation; not asked again", target.name)
                 continue
             self._current = target
             return opened, partial[len(stem) :]

@@ -34,6 +34,8 @@ class _LiveCollector(Collector):
         self._circuits = circuits
         self._active = active
         self.gauges: list[tuple[str, str, Callable[[], int]]] = []
+        # A target's label: itself when configured, else ``provider/*`` (set by the router).
+        self.label: Callable[[str], str] = lambda target: target
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -43,18 +45,29 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=float(read()))
         state = GaugeMetricFamily(
             "gateway_circuit_state",
-            "1 for the state each target's circuit breaker is in",
+            "circuit breakers in each state, per target (client-chosen model ids of a "
+            "provider open to any model are counted together as provider/*)",
             labels=["target", "state"],
         )
         failures = GaugeMetricFamily(
             "gateway_circuit_consecutive_failures",
-            "consecutive failures counted by each target's circuit breaker",
+            "consecutive failures counted by each target's circuit breaker (provider/*: the most)",
             labels=["target"],
         )
-        for target, breaker in sorted(self._circuits.breakers.items()):
+        counts: dict[str, dict[str, int]] = {}
+        worst: dict[str, int] = {}
+        label = self.label
+        for target, breaker in self._circuits.breakers.items():
+            key = label(target)
+            per = counts.get(key)
+            if per is None:
+                per = counts[key] = dict.fromkeys(_STATES, 0)
+            per[breaker.state] += 1
+            worst[key] = max(worst.get(key, 0), breaker.failures)
+        for key in sorted(counts):
             for name in _STATES:
-                state.add_metric([target, name], 1.0 if breaker.state == name else 0.0)
-            failures.add_metric([target], float(breaker.failures))
+                state.add_metric([key, name], float(counts[key][name]))
+            failures.add_metric([key], float(worst[key]))
         yield state
         yield failures
 
@@ -131,6 +144,10 @@ class Metrics:
         )
         self._live = _LiveCollector(circuits, active)
         self.registry.register(self._live)
+
+    def label_circuits(self, label: Callable[[str], str]) -> None:
+        """How a target's circuit is labelled (bounded: see ``Router.metric_key``)."""
+        self._live.label = label
 
     def gauge(self, name: str, doc: str, read: Callable[[], int]) -> None:
         """A gauge read when scraped."""

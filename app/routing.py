@@ -40,6 +40,8 @@ class Route:
     context_window_fallbacks: tuple[Target, ...] = ()
     content_policy_fallbacks: tuple[Target, ...] = ()
     continue_on_failure: bool = False
+    # The alias's own word on which targets may continue an answer (over the providers').
+    continuation: tuple[tuple[str, bool], ...] = ()
 
 
 class Router:
@@ -54,13 +56,18 @@ class Router:
         self.configs = configs
         self._limits = {name: self._make_limits(cfg) for name, cfg in configs.items()}
         self.default_model = settings.default_model or self._implicit_default()
-        self.circuits = Circuits(settings.circuit_failure_threshold, settings.circuit_cooldown_s)
+        self.circuits = Circuits(
+            settings.circuit_failure_threshold,
+            settings.circuit_cooldown_s,
+            max_targets=settings.circuit_max_targets,
+        )
         self._routes: dict[str, Route] = {}
         # Running generations (for shutdown and the active-streams gauge), and
         # whether the server is draining (no new ones).
         self.active: set[Generation] = set()
         self.draining = False
         self.metrics = Metrics(self.circuits, self.active.__len__)
+        self.metrics.label_circuits(lambda name: self.metric_key(Target(*name.split("/", 1))))
         self._configured = {
             t
             for alias in settings.aliases.values()
@@ -77,18 +84,36 @@ class Router:
     def limits(self, target: Target) -> Limits:
         return self._limits[target.provider]
 
-    def health_key(self, target: Target) -> str:
-        """Whose health a target shares: itself when configured, else its provider's.
+    def metric_key(self, target: Target) -> str:
+        """A target's metric label: itself when configured, else ``provider/*``.
 
         A provider open to any model id would otherwise let clients grow the
-        circuit and metric tables without bound.
+        label sets without bound. Health is never shared this way: each target
+        has its own breaker (``breaker``).
         """
         if self.configs[target.provider].models or target.name in self._configured:
             return target.name
         return f"{target.provider}/*"
 
     def breaker(self, target: Target) -> Breaker:
-        return self.circuits.get(self.health_key(target))
+        return self.circuits.get(target.name)
+
+    def accepts_continuation(self, route: Route, target: Target) -> bool:
+        """May ``target`` be asked to continue a broken answer on ``route``?
+
+        The alias's per-target setting, else the provider's per-model one,
+        else the provider's default; never a target that rejected one before.
+        """
+        for name, allowed in route.continuation:
+            if name == target.name:
+                if not allowed:
+                    return False
+                break
+        else:
+            cfg = self.configs[target.provider]
+            if not cfg.continuation.get(target.model, cfg.accepts_continuation):
+                return False
+        return not self.breaker(target).rejects_continuation
 
     def _make_limits(self, cfg: ProviderConfig) -> Limits:
         s = self.settings
@@ -107,7 +132,12 @@ class Router:
     def _check_config(self) -> None:
         """Aliases and the default model must name real targets (fail at start)."""
         for alias, cfg in self.settings.aliases.items():
-            named = [*cfg.targets, *cfg.context_window_fallbacks, *cfg.content_policy_fallbacks]
+            named = [
+                *cfg.targets,
+                *cfg.context_window_fallbacks,
+                *cfg.content_policy_fallbacks,
+                *cfg.continuation,
+            ]
             for name in named:
                 try:
                     self._parse(name)
@@ -176,6 +206,7 @@ class Router:
                 tuple(self._parse(t) for t in alias.context_window_fallbacks),
                 tuple(self._parse(t) for t in alias.content_policy_fallbacks),
                 alias.continue_on_failure,
+                tuple((self._parse(t).name, v) for t, v in alias.continuation.items()),
             )
         # Only configured names are kept: a provider open to any model id must
         # not let clients grow this without bound.

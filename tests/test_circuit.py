@@ -133,3 +133,33 @@ async def test_a_deadline_and_a_client_cancel_together_still_cancel():
     assert wd.take_expiry() is None and task.cancelling() == 1  # and undone only once
     task.uncancel()
     wd.stop()
+
+
+def test_the_table_keeps_the_most_recently_used_targets():
+    from app.circuit import Circuits
+
+    clock = Clock()
+    table = Circuits(threshold=1, cooldown_s=5, clock=clock, max_targets=3)
+    a = table.get("p/a")
+    a.failure()
+    table.get("p/b")
+    table.get("p/c")
+    assert table.get("p/a") is a  # used again: now the most recent
+    table.get("p/d")  # evicts b, the least recently used
+    assert list(table.breakers) == ["p/c", "p/a", "p/d"] and table.evicted == 1
+    assert table.get("p/a").state == "open" and table.get("p/b").state == "closed"
+    # Each target its own breaker: a's failure is nobody else's.
+    assert all(table.get(t).state == "closed" for t in ("p/c", "p/d"))
+
+
+def test_only_upstream_health_counts_against_a_circuit():
+    from app.errors import UpstreamAuthFailed, UpstreamTruncated
+
+    assert counts_against(UpstreamStatus("x", upstream_status=503))
+    assert counts_against(UpstreamStatus("x", upstream_status=429))
+    assert counts_against(UpstreamTimeout("x", phase="idle"))
+    assert counts_against(UpstreamTruncated("x"))
+    assert not counts_against(UpstreamTimeout("x", phase="total"))
+    assert not counts_against(UpstreamStatus("x", upstream_status=404))
+    assert not counts_against(UpstreamStatus("x", upstream_status=400, reason="content_policy"))
+    assert not counts_against(UpstreamAuthFailed("x"))
