@@ -29,6 +29,9 @@ class Start:
     upstream_model: str | None = None
     model: str = ""
     provider: str = ""
+    # Sent at the seam of a continued answer: from here on ``model`` answers.
+    # Encoders that name the model switch to it; the others ignore it.
+    continuation: bool = False
     type: Literal["start"] = field(default="start", init=False)
 
 

@@ -309,10 +309,11 @@ class Generation:
                 else:
                     wd.rearm()
             elif isinstance(ev, Start):
-                if self._original is None:  # a continuation's Start is not relayed
-                    ev.model = self.model
-                    ev.provider = self.provider
-                    self._start = ev
+                ev.model = self.model
+                ev.provider = self.provider
+                # A continuation's Start marks the seam (sent before its first content).
+                ev.continuation = self._original is not None
+                self._start = ev
             else:
                 out.append(ev)
         return out
@@ -344,7 +345,12 @@ class Generation:
         elif output is None and reason in ("cancelled", "error", "timeout") and self._deltas:
             # Cut short before the provider's count came: one token per delta.
             output = self._deltas
-        inp = self._carry_input if self._carry_input is not None else self.input_tokens
+        # A continued answer counts the input of the attempt that finished it (its
+        # prompt holds the partial answer), whatever the providers; a failed
+        # continuation is reported as the first attempt (target, error, input).
+        inp = self.input_tokens
+        if inp is None and self._original is not None:
+            inp = self._carry_input
         end = End(
             finish_reason=reason,
             input_tokens=inp,
@@ -363,7 +369,7 @@ class Generation:
         fo = self._fo
         router = fo.router
         opened = self._opened
-        model = router.health_key(opened.target) if opened is not None else end.model
+        model = router.metric_key(opened.target) if opened is not None else end.model
         endpoint = fo.request.endpoint
         m = router.metrics
         m.streams.labels(endpoint, model, end.provider, end.finish_reason).inc()
@@ -490,6 +496,7 @@ class Generation:
                 # A failed continuation reports the first failure, and its target.
                 failure = self._original
                 self.model, self.provider = self._original_target
+                self.input_tokens = self._carry_input
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             if failure is self._stop:
                 # A stop by the client or a shutdown ends "cancelled"; one forced by a
@@ -506,7 +513,7 @@ class Generation:
     def _held(self, batch: list[ChatEvent]) -> list[ChatEvent]:
         """An ending batch, behind the Start if none was sent (no content came)."""
         start, self._start = self._start, None
-        return batch if start is None else [start, *batch]
+        return batch if start is None or start.continuation else [start, *batch]
 
     async def _next(self, failure: GatewayError) -> tuple[Opened | None, GatewayError]:
         """The attempt that takes over after ``failure``, or None and the error to report."""

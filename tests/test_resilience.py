@@ -671,13 +671,182 @@ def test_a_failed_continuation_names_the_original_target(make_gateway, openai_fa
     assert error["type"] == "timeout" and end["model"] == PRIMARY
 
 
-def test_client_chosen_model_ids_share_one_circuit(make_gateway, openai_fake):
-    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY)
+def openai_stream(gw, model="chat"):
+    """The data payloads of an OpenAI-protocol stream with usage."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 50,
+    }
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=15) as r:
+        assert r.status_code == 200
+        return [e.data for e in read_sse(r)]
+
+
+def test_chunks_after_the_seam_name_the_answering_target(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault="stall", fault_after=2))
+    anthropic_fake.enqueue(Scenario(chunks=[" fox", " jumps."], input_tokens=40))
+    data = openai_stream(gw)
+    assert data[-1] == "[DONE]"
+    chunks = [orjson.loads(d) for d in data[:-1]]
+    texts = [(c["model"], c["choices"][0]["delta"].get("content")) for c in chunks if c["choices"]]
+    roles = [c for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+    assert len(roles) == 1  # one role chunk: the seam is not a second start
+    before = [m for m, t in texts if t in ("The quick ", "brown ")]
+    after = [m for m, t in texts if t in ("fox", " fox", " jumps.")]
+    assert set(before) == {PRIMARY} and after and set(after) == {FALLBACK}
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    (usage,) = [c for c in chunks if not c["choices"]]
+    assert finish[0]["model"] == FALLBACK and usage["model"] == FALLBACK
+    # The input of a continued answer is the finishing attempt's (its prompt
+    # holds the partial answer), whatever the first provider reported.
+    assert usage["usage"]["prompt_tokens"] == 40
+
+
+def test_continued_input_tokens_are_the_finishing_attempts_for_every_provider(
+    make_gateway, openai_fake, anthropic_fake
+):
+    # Anthropic first (it reports input at message_start, before the cut), then
+    # the OpenAI-compatible server: the count is still the finishing attempt's.
+    alias = {"targets": [FALLBACK, COMPAT], "continue_on_failure": True}
+    gw = gateway(
+        make_gateway,
+        openai_fake,
+        anthropic_fake,
+        alias=alias,
+        providers={"compat": {"accepts_continuation": True}},
+    )
+    anthropic_fake.enqueue(Scenario(chunks=BROKEN, fault="stall", fault_after=2, input_tokens=11))
+    script = [ROLE, sse_chunk({"content": "fox."}), sse_chunk(finish="stop"), usage_chunk(3)]
+    openai_fake.enqueue(Scenario(raw_parts=[*script, b"data: [DONE]\n\n"], interval=0.05))
+    _text, error, end = outcome(chat(gw)[1])
+    assert error is None and end["model"] == COMPAT
+    assert end["usage"]["input_tokens"] == 30  # usage_chunk's prompt_tokens, not 11
+    assert [a["target"] for a in end["attempts"]] == [FALLBACK, COMPAT]
+
+
+@pytest.mark.parametrize(
+    ("providers", "alias_extra", "asked"),
+    [
+        # The provider accepts by default, but not for this model.
+        (
+            {
+                "anthropic": {
+                    "accepts_continuation": True,
+                    "continuation": {"claude-haiku-4-5": False},
+                }
+            },
+            {},
+            False,
+        ),
+        # The provider does not, but this model does.
+        ({"anthropic": {"continuation": {"claude-haiku-4-5": True}}}, {}, True),
+        # The alias says no for its target, over the provider.
+        (ACCEPTS, {"continuation": {FALLBACK: False}}, False),
+        # The alias says yes for its target, over the provider.
+        (None, {"continuation": {FALLBACK: True}}, True),
+    ],
+    ids=["model-off", "model-on", "alias-off", "alias-on"],
+)
+def test_continuation_is_settable_per_model_and_per_alias_target(
+    make_gateway, openai_fake, anthropic_fake, providers, alias_extra, asked
+):
+    alias = {**CONTINUE, **alias_extra}
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=alias, providers=providers)
+    openai_fake.enqueue(Scenario(chunks=BROKEN, fault="malformed", fault_after=2))
+    anthropic_fake.enqueue(Scenario(chunks=["fox."]))
+    text, error, _end = outcome(chat(gw)[1])
+    assert len(gens(anthropic_fake)) == (1 if asked else 0)
+    assert (error is None) is asked
+    assert text == ("The quick brown fox." if asked else "The quick brown ")
+
+
+def test_a_rejected_continuation_is_not_asked_again(make_gateway, openai_fake, anthropic_fake):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, alias=CONTINUE, providers=ACCEPTS)
+    openai_fake.enqueue(
+        Scenario(chunks=BROKEN, fault="stall", fault_after=2),
+        Scenario(chunks=BROKEN, fault="stall", fault_after=2),
+    )
+    anthropic_fake.enqueue(
+        Scenario(fault="status", status=400, error_message="prefill is not supported")
+    )
+    for _ in range(2):
+        _text, error, _end = outcome(chat(gw)[1])
+        assert error["type"] == "timeout"
+    assert len(gens(anthropic_fake)) == 1  # the rejection was spent once
+    # Still a healthy target for ordinary requests.
+    assert circuits(gw)[FALLBACK]["state"] == "closed"
+    healthy_after(gw, anthropic_fake, FALLBACK)
+
+
+def test_a_failing_model_id_opens_only_its_own_circuit(make_gateway, openai_fake):
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model=PRIMARY,
+        circuit_failure_threshold=3,
+        max_retries=0,
+        retry_backoff_s=0.01,
+    )
+    openai_fake.default = DOWN
+    for _ in range(5):
+        r, _ = chat(gw, "openai/overloaded-model")
+        assert r.status_code in (503, 200)  # 503 before the stream; circuit_open once open
+    assert circuits(gw)["openai/overloaded-model"]["state"] == "open"
+    r, _ = chat(gw, "openai/overloaded-model")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
+    assert int(r.headers["retry-after"]) >= 1
+    # Another model id of the same provider answers right away.
+    openai_fake.default = Scenario()
+    r, events = chat(gw, "openai/gpt-4.1-mini")
+    assert r.status_code == 200 and outcome(events)[1] is None
+    assert circuits(gw)["openai/gpt-4.1-mini"]["state"] == "closed"
+    # Client-chosen ids never become metric labels: counted together under openai/*.
+    text = httpx.get(gw.url + "/metrics").text
+    assert "overloaded-model" not in text and "gpt-4.1-mini" not in text
+    assert 'gateway_circuit_state{state="open",target="openai/*"} 1.0' in text
+    assert 'gateway_circuit_state{state="closed",target="openai/*"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        Scenario(fault="status", status=404, error_message="The model does not exist"),
+        Scenario(fault="status", status=400, error_message="temperature: bad"),
+        Scenario(
+            fault="status",
+            status=400,
+            error_code="content_policy_violation",
+            error_message="flagged as unsafe",
+        ),
+    ],
+    ids=["404", "400", "content-policy"],
+)
+def test_refusals_never_count_against_a_circuit(make_gateway, openai_fake, refusal):
+    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY, circuit_failure_threshold=2)
+    openai_fake.default = refusal
+    for _ in range(4):
+        r, _ = chat(gw, "openai/some-model")
+        assert r.status_code in (400, 404, 502)
+    assert circuits(gw)["openai/some-model"] == {
+        "state": "closed",
+        "consecutive_failures": 0,
+        "retry_in_s": 0.0,
+    }
+
+
+def test_the_circuit_table_stays_bounded(make_gateway, openai_fake):
+    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY, circuit_max_targets=16)
+    openai_fake.default = Scenario(fault="status", status=404)
+    table = gw.app.state.gateway.router.circuits
+    # Thousands of distinct ids (pure bookkeeping, on the server's own loop).
+    gw.call(lambda: [table.get(f"openai/made-up-{i}") for i in range(3000)])
     for i in range(5):
-        chat(gw, f"openai/made-up-{i}")
-    chat(gw, PRIMARY)
-    assert set(circuits(gw)) == {"openai/*", PRIMARY}
-    assert "made-up" not in httpx.get(gw.url + "/metrics").text
+        chat(gw, f"openai/probe-{i}")
+    table = circuits(gw)
+    assert len(table) == 16 and "openai/probe-4" in table and "openai/made-up-0" not in table
 
 
 def test_streams_that_break_after_content_open_the_circuit(
@@ -734,3 +903,18 @@ def test_a_long_retry_after_is_reported_over_a_later_outage(
     anthropic_fake.enqueue(DOWN)
     r, _ = chat(gw)
     assert r.status_code == 429 and r.headers["retry-after"] == "3600"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_every_429_and_503_says_when_to_come_back(
+    make_gateway, openai_fake, anthropic_fake, status
+):
+    gw = gateway(make_gateway, openai_fake, anthropic_fake, max_retries=1)
+    # Neither upstream sends a Retry-After: the gateway gives its own estimate.
+    openai_fake.default = anthropic_fake.default = Scenario(fault="status", status=status)
+    r, _ = chat(gw)
+    assert r.status_code == status
+    assert 1 <= int(r.headers["retry-after"]) <= 5
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=15)
+    assert r.status_code == status and int(r.headers["retry-after"]) >= 1

@@ -45,6 +45,8 @@ class FanoutEncoder:
                     call["name"] = ev.name
                 out.append(self._event(b"tool_call", call))
             elif isinstance(ev, Start):
+                if ev.continuation:
+                    continue  # one start per model; its end names who finished
                 data = {
                     **tag,
                     "id": self.stream_id,

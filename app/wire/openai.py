@@ -79,7 +79,8 @@ class OpenAIStreamEncoder:
                 if ev.model and ev.model != self.model:
                     self._set_model(ev.model)
                     prefix = self._prefix
-                out.append(prefix + b'{"role":"assistant","content":""}' + _TAIL)
+                if not ev.continuation:  # the seam of a continued answer: only the model changes
+                    out.append(prefix + b'{"role":"assistant","content":""}' + _TAIL)
             elif isinstance(ev, Error):
                 self._errored = True
                 out.append(b"data: " + dumps(error_json(ev.error)) + b"\n\n")
@@ -92,6 +93,8 @@ class OpenAIStreamEncoder:
         return b"".join(out)
 
     def _end(self, end: End) -> bytes:
+        if end.model and end.model != self.model and end.provider:
+            self._set_model(end.model)  # the usage chunk names who answered
         parts = []
         if end.finish_reason in OPENAI_FINISH:
             parts.append(

@@ -87,6 +87,8 @@ class SimpleStreamEncoder:
                     call["name"] = ev.name
                 out.append(self._id() + b"event: tool_call\ndata: " + dumps(call) + b"\n\n")
             elif isinstance(ev, Start):
+                if ev.continuation:
+                    continue  # one start per stream; the end names who finished
                 data = {"id": self.stream_id, "model": ev.model, "provider": ev.provider}
                 out.append(
                     retry_hint() + self._id() + b"event: start\ndata: " + dumps(data) + b"\n\n"
