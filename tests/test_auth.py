@@ -39,6 +39,7 @@ def test_routes_need_a_key(gw, openai_fake, method, path):
         )
         assert r.status_code == 401
         assert r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["www-authenticate"].startswith("Bearer")
         assert KEY not in r.text
     assert openai_fake.attempts == []
 
