@@ -25,6 +25,7 @@ from app.api import streams as streams_api
 from app.api.deps import GatewayState, describe
 from app.config import Settings, load_settings
 from app.errors import GatewayError, InvalidRequest
+from app.guard import Guard, SecurityHeaders
 from app.limits import make_rate_limits
 from app.middleware import RequestContext
 from app.providers import build_provider
@@ -137,11 +138,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fanout.router)
     app.include_router(ws.router)
     app.include_router(page.router)
-    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+    static = StaticFiles(directory=page.STATIC)
+    app.mount("/static", SecurityHeaders(static, page.SECURITY_HEADERS.items()), name="static")
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    # Added before CORS, so it runs inside it: a preflight from a configured
+    # origin is answered before these checks, and refusals carry CORS headers
+    # for the origins allowed to read them.
+    app.add_middleware(Guard, settings=settings, refused=router.metrics.refused)
     if settings.cors_origins:
         origins = settings.cors_origins
         app.add_middleware(

@@ -1,11 +1,12 @@
-"""Liveness, readiness and metrics; never behind auth (they carry no secrets)."""
+"""Liveness, readiness and metrics. Never behind auth, except ``/metrics`` when
+``GATEWAY_METRICS_REQUIRE_KEY`` is set (its labels name models and routes)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.deps import State
+from app.api.deps import State, require_key
 from app.errors import StoreUnavailable
 from app.metrics import CONTENT_TYPE
 from app.wire.sse import dumps
@@ -47,5 +48,7 @@ async def readyz(state: State) -> Response:
 
 
 @router.get("/metrics")
-async def metrics(state: State) -> Response:
+async def metrics(request: Request, state: State) -> Response:
+    if state.settings.metrics_require_key:
+        await require_key(request)  # 401 without a client key
     return Response(state.router.metrics.render(), media_type=CONTENT_TYPE)

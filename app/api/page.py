@@ -15,6 +15,15 @@ CSP = (
     "connect-src 'self'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 
+# Sent with the page and with every file under /static/ (app.main wraps them).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # frame-ancestors above, for browsers that predate it.
+    "X-Frame-Options": "DENY",
+}
+
 router = APIRouter()
 
 
@@ -22,10 +31,5 @@ router = APIRouter()
 async def page() -> Response:
     return FileResponse(
         STATIC / "index.html",
-        headers={
-            "Content-Security-Policy": CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-cache",
-        },
+        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"},
     )
