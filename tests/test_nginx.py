@@ -1,7 +1,7 @@
 """The repository's nginx config, run by a real nginx in front of a real gateway.
 
 nginx runs ``nginx/gateway.conf`` changed only for the listen port, the
-upstream address and file paths. It is installed from Debian's packages by
+upstream address and file paths (the access log's too). It is installed from Debian's packages by
 ``.ci/run``; without it these tests fail rather than skip.
 """
 
@@ -35,6 +35,8 @@ def render(gateway_port: int, port: int, workdir: Path, config: str | None = Non
     text = config if config is not None else CONFIG.read_text()
     text, listens = re.subn(r"listen\s+\d+;", f"listen 127.0.0.1:{port};", text)
     assert listens == 1
+    text, logs = re.subn(r"access_log\s+/[^\s;]+", f"access_log {workdir / 'access.log'}", text)
+    assert logs == 1
     upstream = re.search(r"upstream gateway \{.*?\}", text, re.S)
     assert upstream is not None
     block = re.sub(r"\n\s*server\s[^;]*;", "", upstream.group(0))
@@ -213,3 +215,23 @@ def test_headers_reach_the_client(gw, proxy, openai_fake):
     # Without one, nginx's own id is forwarded and comes back.
     r = httpx.get(proxy.url + "/healthz")
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+def test_the_access_log_has_no_query_strings(gw, proxy, tmp_path):
+    from websockets.sync.client import connect
+
+    secret = "nginx-log-secret-4e1a0c"
+    assert httpx.get(f"{proxy.url}/healthz?access_token={secret}").status_code == 200
+    ws_url = proxy.url.replace("http://", "ws://") + f"/ws/chat?access_token={secret}&x=1"
+    with connect(ws_url, open_timeout=5) as ws:
+        ws.send("{}")  # an invalid request: answered with an error frame
+        assert "error" in str(ws.recv(timeout=5))
+    deadline = time.monotonic() + 5
+    log = ""
+    while "/ws/chat" not in log and time.monotonic() < deadline:  # written at the close
+        time.sleep(0.05)
+        log = (tmp_path / "access.log").read_text()
+    lines = log.splitlines()
+    assert any('"GET /healthz HTTP/1.1" 200' in line for line in lines), log
+    assert any('"GET /ws/chat HTTP/1.1" 101' in line for line in lines), log
+    assert secret not in log and "?" not in log
