@@ -6,8 +6,12 @@ to stop the current generation at once, and, when the key was not given as
 ``?access_token=``, a first ``{"type": "auth", "access_token": "..."}``.
 
 Server frames: ``start``, ``content``, ``tool_call``, ``error``, ``end`` (see
-``app.wire.ws``). A bad frame gets an ``error`` frame and the connection stays
-open; only failed authentication closes it (code 1008, with the reason). A
+``app.wire.ws``). A bad frame gets an ``error`` frame naming the problem (and
+``param``, the field) and the connection stays open: a binary frame, a message
+over ``ws_max_bytes()``, JSON nested deeper than ``max_json_depth``, a model
+name over ``max_model_length``, an invalid body. Only failed authentication
+closes it (code 1008, with the reason): a wrong or non-string key, an auth
+frame that is not a JSON object, or none within ``ws_auth_timeout_s``. A
 request while one is running is refused with ``busy``. A client that goes
 away stops its generation, as on every other route.
 """
@@ -22,15 +26,52 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from app.api.bounds import check_depth, check_model
 from app.api.deps import GatewayState, admit, client_of, describe, key_matches, opening
 from app.api.schemas import SimpleChatBody
-from app.errors import Cancelled, GatewayError, InvalidRequest
+from app.errors import (
+    AuthenticationFailed,
+    Cancelled,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from app.events import End
 from app.relay import Generation
 from app.wire.simple import end_json
-from app.wire.ws import frame, frames
+from app.wire.ws import error_frame, frame, frames
 
 router = APIRouter()
+
+
+async def receive(ws: WebSocket) -> str | bytes:
+    """The next message, text or binary (``receive_text`` would raise on a binary one)."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if text is not None:
+        return str(text)
+    data = message.get("bytes")
+    return bytes(data) if data is not None else b""
+
+
+def too_large(text: str, limit: int) -> bool:
+    # Encoded only when the characters alone cannot decide: UTF-8 is at most 4 bytes each.
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
+
+
+def binary_frame() -> InvalidRequest:
+    return InvalidRequest(
+        "binary frames are not accepted; send each frame as JSON text", code="binary_frame"
+    )
+
+
+def message_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the message is larger than {limit} bytes (GATEWAY_WS_MAX_MESSAGE_BYTES)",
+        code="message_too_large",
+    )
 
 
 class Session:
@@ -48,17 +89,83 @@ class Session:
             for text in texts:
                 await self.ws.send_text(text)
 
-    async def error(self, exc: GatewayError) -> None:
-        await self.send(frame("error", **exc.in_band()))
+    def refused(self, limit: str) -> None:
+        self.state.router.metrics.refused.labels(limit).inc()
 
-    async def handle(self, raw: str) -> None:
+    async def error(self, exc: GatewayError) -> None:
+        await self.send(error_frame(exc))
+
+    def parse(self, raw: str | bytes) -> dict[str, Any]:
+        """A frame as a JSON object, bounded in size and depth before anything reads it."""
+        if isinstance(raw, bytes):
+            raise binary_frame()
+        limit = self.state.settings.ws_max_bytes()
+        if too_large(raw, limit):
+            self.refused("ws_message_size")
+            raise message_too_large(limit)
         try:
             msg: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            await self.error(InvalidRequest("the frame is not valid JSON", code="invalid_json"))
-            return
+            raise InvalidRequest("the frame is not valid JSON", code="invalid_json") from None
         if not isinstance(msg, dict):
-            await self.error(InvalidRequest("a frame must be a JSON object", code="invalid_json"))
+            raise InvalidRequest("a frame must be a JSON object", code="invalid_json")
+        try:
+            check_depth(msg, self.state.settings.max_json_depth)
+        except InvalidRequest:
+            self.refused("json_depth")
+            raise
+        return msg
+
+    async def authenticate(self) -> str | None:
+        """The key from the first frame, or None once refused (error frame, close 1008)."""
+        timeout = self.state.settings.ws_auth_timeout_s
+        try:
+            raw = await asyncio.wait_for(receive(self.ws), timeout)
+        except TimeoutError:
+            self.refused("ws_auth_timeout")
+            await self.refuse(
+                AuthenticationFailed(
+                    f"no auth frame within {timeout:g} s (GATEWAY_WS_AUTH_TIMEOUT_S); send "
+                    '{"type": "auth", "access_token": "<key>"} first, or use ?access_token=',
+                    code="auth_timeout",
+                ),
+                "auth timeout",
+            )
+            return None
+        try:
+            msg = self.parse(raw)
+        except GatewayError as exc:
+            await self.refuse(exc, "bad auth frame")
+            return None
+        token = msg.get("access_token")
+        if token is not None and not isinstance(token, str):
+            await self.refuse(
+                InvalidRequest(
+                    "access_token: must be a string", param="access_token", code="invalid_value"
+                ),
+                "bad auth frame",
+            )
+            return None
+        if not key_matches(self.state.client_keys, token):
+            await self.refuse(
+                AuthenticationFailed(
+                    "missing or invalid API key: ?access_token=<key> or a first auth frame",
+                    code="invalid_api_key",
+                ),
+                "invalid API key",
+            )
+            return None
+        return token
+
+    async def refuse(self, exc: GatewayError, reason: str) -> None:
+        await self.error(exc)
+        await self.ws.close(code=1008, reason=reason)
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            msg = self.parse(raw)
+        except GatewayError as exc:
+            await self.error(exc)
             return
         kind = msg.pop("type", "chat")
         if kind == "cancel":
@@ -82,6 +189,12 @@ class Session:
                     code="busy",
                 )
             )
+            return
+        try:
+            check_model(msg.get("model"), self.state.settings.max_model_length)
+        except InvalidRequest as exc:
+            self.refused("model_length")
+            await self.error(exc)
             return
         try:
             body = SimpleChatBody.model_validate(msg)
@@ -150,29 +263,12 @@ async def ws_chat(ws: WebSocket) -> None:
         session.client = client_of(token, None)
     try:
         if not authed:
-            first = await ws.receive_text()
-            try:
-                token = orjson.loads(first).get("access_token")
-            except (orjson.JSONDecodeError, AttributeError):
-                token = None
-            if not key_matches(state.client_keys, token):
-                reason = "missing or invalid API key: ?access_token=<key> or a first auth frame"
-                await session.send(
-                    frame(
-                        "error",
-                        error={
-                            "type": "authentication_error",
-                            "code": "invalid_api_key",
-                            "message": reason,
-                            "retryable": False,
-                        },
-                    )
-                )
-                await ws.close(code=1008, reason="invalid API key")
+            token = await session.authenticate()
+            if token is None:
                 return
             session.client = client_of(token, None)
         while True:
-            await session.handle(await ws.receive_text())
+            await session.handle(await receive(ws))
     except WebSocketDisconnect:
         pass
     finally:

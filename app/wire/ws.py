@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, assert_never
 
+from app.errors import GatewayError
 from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
 from app.wire.simple import end_json
 from app.wire.sse import dumps
@@ -15,6 +16,13 @@ from app.wire.sse import dumps
 
 def frame(kind: str, **fields: Any) -> str:
     return dumps({"type": kind, **fields}).decode()
+
+
+def error_frame(exc: GatewayError) -> str:
+    """A refused frame or request: the in-band error with ``param``, the field at fault."""
+    error = exc.in_band()["error"]
+    error["param"] = exc.param
+    return frame("error", error=error)
 
 
 def frames(batch: list[ChatEvent], stream_id: str) -> list[str]:
