@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import orjson
 import pytest
+
+from tests.fakes import OpenAIFake
+from tests.harness import GatewayServer, fake_providers, make_settings
 
 OK_MSG = [{"role": "user", "content": "hi"}]
 
@@ -92,3 +96,216 @@ def test_unknown_route_and_method(gw):
     assert r.status_code == 404 and r.json()["error"]["message"]
     r = httpx.delete(gw.url + "/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+# -- structural limits (issue 11): depth, model length, stop, odd query values ------------
+
+POST_ROUTES = ["/v1/chat/completions", "/chat/stream", "/chat/streams", "/chat/fanout"]
+FANOUT_MODELS = ["openai/gpt-4o-mini", "openai/gpt-4o"]
+
+
+def nested(depth: int) -> dict:
+    """``{"a": {"a": ... {}}}``, ``depth`` objects deep."""
+    node: dict = {}
+    for _ in range(depth - 1):
+        node = {"a": node}
+    return node
+
+
+def valid_body(path: str) -> dict:
+    """A body the route accepts, to make one field of it bad."""
+    if path == "/v1/chat/completions":
+        return {"messages": [{"role": "user", "content": "hi"}]}
+    if path == "/chat/fanout":
+        return {"prompt": "hi", "models": FANOUT_MODELS}
+    return {"prompt": "hi"}
+
+
+@pytest.fixture(scope="module")
+def strict_env():
+    """One gateway for the module (its limits small, so that bodies past them stay small)."""
+    fake = OpenAIFake().start()
+    settings = make_settings(
+        providers=fake_providers(fake),
+        default_model="openai/gpt-4o-mini",
+        max_json_depth=8,
+        max_model_length=40,
+    )
+    gw = GatewayServer(settings).start()
+    yield gw, fake
+    gw.stop()
+    fake.stop()
+    assert not fake.errors
+
+
+@pytest.fixture
+def strict_gw(strict_env):
+    strict_env[1].reset_record()
+    return strict_env[0]
+
+
+@pytest.fixture
+def strict_fake(strict_env):
+    return strict_env[1]
+
+
+def post(gw, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(
+        gw.url + path, content=content, headers={"content-type": "application/json"}, timeout=10
+    )
+
+
+def assert_refused(r: httpx.Response, status: int, code: str, param: str | None, *words: str):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")  # never a stream
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == (code, param), err
+    for word in words:
+        assert word in err["message"], err
+
+
+def refusals(gw, limit: str) -> float:
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(f'gateway_limit_refusals_total{{limit="{limit}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_json_nested_too_deep_anywhere_is_a_400_naming_the_path(strict_gw, strict_fake, path):
+    deep = nested(8)  # 8 objects inside the body: 9 levels
+    bodies = {
+        "response_format": {**valid_body(path), "response_format": deep},
+        "tools": {
+            **valid_body(path),
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}],
+        },
+        "messages": {
+            **({"models": FANOUT_MODELS} if path == "/chat/fanout" else {}),
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hi"},
+                        {"type": "image_url", "image_url": deep},
+                    ],
+                }
+            ],
+        },
+        "x": {**valid_body(path), "x": [[[[[[[[[]]]]]]]]]},  # unknown fields too
+    }
+    expected = {
+        "response_format": "response_format.a.a.a.a.a.a.a",
+        "tools": "tools[0].function.parameters.a.a.a.a",
+        "messages": "messages[0].content[1].image_url.a.a.a",
+        "x": "x[0][0][0][0][0][0][0]",
+    }
+    before = refusals(strict_gw, "json_depth")
+    for field, body in bodies.items():
+        r = post(strict_gw, path, body)
+        assert_refused(r, 400, "json_too_deep", field, "8 levels")
+        assert r.json()["error"]["message"].startswith(expected[field] + ": "), r.text
+    # One level less is accepted (the fake answers).
+    ok = {**valid_body(path), "response_format": nested(7)}
+    assert post(strict_gw, path, ok).status_code in (200, 201)
+    strict_fake.wait_for_attempts(1)  # /chat/streams answers before its upstream call
+    assert refusals(strict_gw, "json_depth") == before + len(bodies)
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_json_past_the_parsers_own_limit_is_a_clear_400(strict_gw, strict_fake, path):
+    r = post(strict_gw, path, b'{"messages": ' + b"[" * 1100 + b"]" * 1100 + b"}")
+    assert_refused(r, 400, "json_too_deep", None, "nested deeper than 8 levels")
+    assert "Traceback" not in r.text and strict_fake.attempts == []
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_a_model_name_over_the_limit_is_a_400(strict_gw, strict_fake, path):
+    before = refusals(strict_gw, "model_length")
+    name = "openai/" + "m" * 40
+    if path == "/chat/fanout":
+        r = post(strict_gw, path, {"prompt": "hi", "models": ["openai/gpt-4o", name]})
+        assert_refused(r, 400, "model_too_long", "models", "40 characters")
+    else:
+        r = post(strict_gw, path, {**valid_body(path), "model": name})
+        assert_refused(r, 400, "model_too_long", "model", "40 characters")
+    r = httpx.get(strict_gw.url + "/chat/stream", params={"prompt": "hi", "model": name})
+    assert_refused(r, 400, "model_too_long", "model")
+    assert strict_fake.attempts == []
+    assert refusals(strict_gw, "model_length") == before + 2
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_a_stop_list_over_the_limit_names_stop(strict_gw, strict_fake, path):
+    r = post(strict_gw, path, {**valid_body(path), "stop": ["a", "b", "c", "d", "e"]})
+    assert_refused(r, 400, "invalid_value", "stop", "stop: at most 4")
+    r = post(strict_gw, path, {**valid_body(path), "stop": [1]})
+    assert_refused(r, 400, "invalid_value", "stop.0")
+    assert strict_fake.attempts == []
+
+
+def test_a_message_part_of_an_unknown_type_names_its_type(strict_gw):
+    body = {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}
+    r = post(strict_gw, "/v1/chat/completions", body)
+    assert_refused(r, 400, "invalid_value", "messages.0.content.0.type", "'text'")
+
+
+@pytest.mark.parametrize("url", [None, 5, {"u": "x"}, ""])
+def test_an_image_part_needs_a_url_string(strict_gw, strict_fake, url):
+    part = {"type": "image_url", "image_url": {"url": url}}
+    r = post(strict_gw, "/chat/stream", {"messages": [{"role": "user", "content": [part]}]})
+    assert_refused(r, 400, "invalid_value", "messages.0.content.0.image_url.url")
+    assert strict_fake.attempts == []
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"max_tokens": "abc"}, "max_tokens"),
+        ({"max_tokens": "1.5"}, "max_tokens"),
+        ({"max_tokens": "9" * 5000}, "max_tokens"),
+        ({"max_tokens": "0"}, "max_tokens"),
+        ({"temperature": "NaN"}, "temperature"),
+        ({"temperature": "-inf"}, "temperature"),
+        ({"temperature": "3"}, "temperature"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_odd_query_values_name_the_param(strict_gw, strict_fake, query, param):
+    r = httpx.get(strict_gw.url + "/chat/stream", params={"prompt": "hi", **query})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert strict_fake.attempts == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi", "models": ["openai/a"]}, "models"),
+        ({"prompt": "hi", "models": "openai/a"}, "models"),
+        ({"prompt": "hi", "models": ["openai/a", ""]}, "models.1"),
+        ({"prompt": "hi", "models": ["openai/a", 5]}, "models.1"),
+        ({"prompt": "hi", "models": [f"openai/m{i}" for i in range(5)]}, "models"),
+        ({"models": FANOUT_MODELS}, None),
+        ({"prompt": "hi", "models": FANOUT_MODELS, "model": "openai/a"}, None),
+        ({"prompt": "hi", "models": FANOUT_MODELS, "max_tokens": "5"}, "max_tokens"),
+    ],
+)
+def test_fanout_bad_bodies_answer_json_before_any_stream(strict_gw, strict_fake, body, param):
+    r = post(strict_gw, "/chat/fanout", body)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["param"] == param
+    assert strict_fake.attempts == []
+
+
+def test_bad_input_while_draining_is_still_a_400_not_shutting_down(gw):
+    gw.call(lambda: setattr(gw.app.state.gateway.router, "draining", True))
+    for path in POST_ROUTES:
+        r = post(gw, path, {**valid_body(path), "stop": ["a"] * 5})
+        assert_refused(r, 400, "invalid_value", "stop")
+    r = httpx.get(gw.url + "/chat/stream", params={"prompt": "hi", "max_tokens": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = post(gw, "/chat/stream", {"prompt": "hi"})  # a good one: the drain answers
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"

@@ -9,6 +9,7 @@ the stream it names and never starts a second generation.
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     RequestId,
     State,
+    check_model_names,
     client_id,
     json_body,
     open_generation,
@@ -59,19 +61,23 @@ def _query_body(request: Request) -> SimpleChatBody:
     for key in ("prompt", "model", "system"):
         if key in query:
             data[key] = query[key]
+    check_model_names(request, data.get("model"), "model")
     stops = query.getlist("stop")
     if stops:
         data["stop"] = stops if len(stops) > 1 else stops[0]
     for key, kind in _NUMBERS.items():
         if key in query:
             try:
-                data[key] = kind(query[key])
+                value = kind(query[key])
+                if not math.isfinite(value):  # float("nan"), float("inf")
+                    raise ValueError(key)
             except ValueError:
                 raise InvalidRequest(
-                    f"{key}: must be {'an integer' if kind is int else 'a number'}",
+                    f"{key}: must be {'an integer' if kind is int else 'a finite number'}",
                     param=key,
                     code="invalid_value",
                 ) from None
+            data[key] = value
     return validate(SimpleChatBody, data)
 
 

@@ -17,6 +17,7 @@ import orjson
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from app.api.bounds import check_depth, check_model
 from app.config import Settings
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest, RateLimited
 from app.limits import RateLimits, Slot
@@ -113,12 +114,21 @@ async def require_key_or_token(request: Request) -> None:
     _check(request, allow_query=True)
 
 
+_TAGS = frozenset({"str", "int", "float", "bool", "TextPart", "ImagePart"})
+
+
 def describe(exc: ValidationError) -> tuple[str, str | None]:
     """The first problem as 'field: message', and the field as the ``param``."""
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
-    # Union members add their type names to the path; keep the fields only.
-    loc = [p for p in loc if p not in ("str", "list[union[TextPart,ImagePart]]")]
+    # FastAPI's RequestValidationError (main.py) has a plain errors().
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors()
+    # A union reports every member's failure; the member that got furthest
+    # into the value is the one the client meant (a part's ``type``, not "a string").
+    first = errors[0]["loc"][:1]
+    err = max((e for e in errors if e["loc"][:1] == first), key=lambda e: len(e["loc"]))
+    # Union members and validators add their tags to the path (``str``,
+    # ``list[str]``, ``TextPart``, ``function-after[...]``); keep the fields only.
+    loc = [str(p) for p in err["loc"]]
+    loc = [p for p in loc if "[" not in p and p not in _TAGS]
     field = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     return (f"{field}: {msg}" if field else msg), field
@@ -132,6 +142,33 @@ def validate(model: type[M], data: Any) -> M:
         raise InvalidRequest(message, param=field, code="invalid_value") from None
 
 
+def refused(request: Request, limit: str) -> None:
+    """Count a refusal by a safety limit (gateway_limit_refusals_total)."""
+    request.app.state.gateway.router.metrics.refused.labels(limit).inc()
+
+
+def check_bounds(request: Request, data: dict[str, Any]) -> None:
+    """Depth anywhere in the body, then the model name's length: before any validation."""
+    settings: Settings = request.app.state.gateway.settings
+    try:
+        check_depth(data, settings.max_json_depth)
+    except InvalidRequest:
+        refused(request, "json_depth")
+        raise
+    check_model_names(request, data.get("model"), "model")
+
+
+def check_model_names(request: Request, names: Any, param: str) -> None:
+    """``check_model`` on a name or each name of a list (``models`` of /chat/fanout)."""
+    limit = request.app.state.gateway.settings.max_model_length
+    try:
+        for name in names if isinstance(names, list) else (names,):
+            check_model(name, limit, param)
+    except InvalidRequest:
+        refused(request, "model_length")
+        raise
+
+
 async def json_body(request: Request) -> Any:
     body = await request.body()
     if not body.strip():
@@ -139,11 +176,20 @@ async def json_body(request: Request) -> Any:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if any(w in str(exc).lower() for w in ("recursion", "depth limit")):
+            # orjson's own limit (1024 levels), far past GATEWAY_MAX_JSON_DEPTH.
+            refused(request, "json_depth")
+            limit = request.app.state.gateway.settings.max_json_depth
+            raise InvalidRequest(
+                f"body: JSON nested deeper than {limit} levels (GATEWAY_MAX_JSON_DEPTH)",
+                code="json_too_deep",
+            ) from None
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    check_bounds(request, data)
     return data
 
 
@@ -182,12 +228,17 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def admit(state: GatewayState, client: str) -> Slot:
-    """The client's place under its rate limit and concurrency cap (429 otherwise)."""
+    """Room in this process for one more stream (503 otherwise), then the client's place
+    under its rate limit and concurrency cap (429 otherwise); released with the slot."""
+    hold = state.streams.capacity.hold()
     try:
-        return await state.limits.admit(client)
-    except RateLimited as exc:
-        state.router.metrics.rate_limited.labels(exc.code or "").inc()
+        slot = await state.limits.admit(client)
+    except BaseException as exc:
+        hold.release()
+        if isinstance(exc, RateLimited):
+            state.router.metrics.rate_limited.labels(exc.code or "").inc()
         raise
+    return hold.joined(slot)
 
 
 async def opening(router: Router, route: Route, chat: ChatRequest, slot: Slot) -> Generation:

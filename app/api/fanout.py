@@ -11,13 +11,23 @@ goes away cancels every task, which closes every upstream call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import RequestId, State, admit, client_id, json_body, require_key, validate
+from app.api.deps import (
+    RequestId,
+    State,
+    admit,
+    check_model_names,
+    client_id,
+    json_body,
+    require_key,
+    validate,
+)
 from app.api.schemas import FanoutBody
 from app.errors import GatewayError, InvalidRequest
 from app.events import ChatEvent, End, Error, Start
@@ -28,13 +38,16 @@ from app.wire.fanout import FanoutEncoder
 from app.wire.sse import sse_response
 
 router = APIRouter()
+log = logging.getLogger("app.fanout")
 
 _Item = tuple[int, list[ChatEvent] | None]  # None: that model is over
 
 
 @router.post("/chat/fanout", dependencies=[Depends(require_key)])
 async def chat_fanout(request: Request, state: State, rid: RequestId) -> Response:
-    body = validate(FanoutBody, await json_body(request))
+    data = await json_body(request)
+    check_model_names(request, data.get("models"), "models")
+    body = validate(FanoutBody, data)
     limit = state.settings.fanout_max_models
     if len(body.models) > limit:
         raise InvalidRequest(
@@ -69,18 +82,30 @@ async def fanout(
 
     async def run(index: int, route: Route) -> None:
         started = loop.time()
+
+        def failed(exc: GatewayError, *, opened: bool) -> None:
+            end = End.before_start("error", route.name, round((loop.time() - started) * 1000))
+            queue.put_nowait(
+                (index, [*(() if opened else (Start(model=route.name),)), Error(exc), end])
+            )
+
+        opened = False
         try:
             try:
                 gen = await router.open(route, make_request())
             except GatewayError as exc:
-                end = End.before_start("error", route.name, round((loop.time() - started) * 1000))
-                queue.put_nowait((index, [Start(model=route.name), Error(exc), end]))
+                failed(exc, opened=False)
                 return
+            opened = True
             try:
                 async for batch in gen.events():
                     queue.put_nowait((index, batch))
             finally:
                 await gen.aclose()
+        except Exception as exc:
+            # A bug must still end this model's stream, not leave it silent.
+            log.error("fanout: unhandled %s for %s", type(exc).__name__, route.name)
+            failed(GatewayError("internal error"), opened=opened)
         finally:
             queue.put_nowait((index, None))
 

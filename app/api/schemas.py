@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.providers.base import ChatRequest
 
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_STOP = 4  # OpenAI's own limit
 
 
 class _Body(BaseModel):
@@ -25,9 +26,14 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str = Field(min_length=1)  # https:// or data:<type>;base64,...
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ImagePart(_Body):
     type: Literal["image_url"]
-    image_url: dict[str, Any]
+    image_url: ImageURL
 
 
 class ToolCallFunction(_Body):
@@ -80,11 +86,13 @@ class _Sampling(_Body):
     temperature: float | None = Field(default=None, ge=0, le=2)
     stop: str | list[str] | None = None
 
-    @model_validator(mode="after")
-    def _stop_list(self) -> _Sampling:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop: at most 4 sequences")
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # A field validator, so that the error's param is "stop".
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} sequences")
+        return value
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:

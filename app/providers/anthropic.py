@@ -17,7 +17,7 @@ import orjson
 from app.config import ProviderConfig, Settings
 from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.base import ChatRequest
-from app.providers.errors import in_band_error, truncated
+from app.providers.errors import GENERIC, Scrubber, in_band_error, truncated, untranslatable
 from app.providers.http import UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 
@@ -36,12 +36,13 @@ STOP_REASONS: dict[str, FinishReason] = {
 class AnthropicNormaliser:
     """Feed decoded stream events in order; get ChatEvents out. No I/O."""
 
-    __slots__ = ("_tools", "done", "provider")
+    __slots__ = ("_tools", "done", "provider", "scrub")
 
-    def __init__(self, provider: str = "anthropic") -> None:
+    def __init__(self, provider: str = "anthropic", scrubber: Scrubber = GENERIC) -> None:
         self._tools: dict[int, int] = {}  # content block index -> tool call index
         self.done = False
         self.provider = provider
+        self.scrub = scrubber
 
     def feed(self, obj: dict[str, Any]) -> list[ChatEvent]:
         kind = obj.get("type")
@@ -90,7 +91,7 @@ class AnthropicNormaliser:
             self.done = True
             return []
         if kind == "error":
-            raise in_band_error(obj, self.provider)
+            raise in_band_error(obj, self.provider, self.scrub)
         return []  # ping, content_block_stop, unknown future types
 
 
@@ -231,20 +232,23 @@ class AnthropicProvider:
         api_key = config.api_key.get_secret_value() if config.api_key else "none"
         # The SDK client only lends its base URL and headers (see http.py).
         self._http = UpstreamSession(
-            name, anthropic.AsyncAnthropic(api_key=api_key, base_url=config.base_url), connect
+            name,
+            anthropic.AsyncAnthropic(api_key=api_key, base_url=config.base_url),
+            connect,
+            Scrubber.for_settings(settings),
         )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
-        params = build_params(request)
+        params = untranslatable(self.name, build_params, request)
         resp = await self._http.post_stream("/v1/messages", params)
         complete = False
         try:
             yield [Start()]
             decoder = SSEDecoder()
-            norm = AnthropicNormaliser(self.name)
+            norm = AnthropicNormaliser(self.name, self._http.scrub)
             async for chunk in read_chunks(resp, self.name):
                 if norm.done:
                     continue  # drain to the end so the connection can be reused

@@ -19,15 +19,18 @@ import aiohttp
 import orjson
 
 from app.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from app.providers.errors import map_status, truncated
+from app.providers.errors import GENERIC, Scrubber, map_status, truncated
 
 # Bodies of upstream errors are read only this far.
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
 class UpstreamSession:
-    def __init__(self, name: str, sdk_client: Any, connect_timeout: float) -> None:
+    def __init__(
+        self, name: str, sdk_client: Any, connect_timeout: float, scrubber: Scrubber = GENERIC
+    ) -> None:
         self.name = name
+        self.scrub = scrubber
         self._sdk = sdk_client
         self._base = str(sdk_client.base_url).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
@@ -58,7 +61,8 @@ class UpstreamSession:
             raise UpstreamTimeout(
                 f"provider '{self.name}' did not accept the connection in time", code="timeout"
             ) from None
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, OSError, ValueError):
+            # Never the exception's text: it carries the URL (ValueError: a bad base URL).
             raise UpstreamUnavailable(
                 f"could not reach provider '{self.name}' (connection refused or reset)",
                 code="upstream_unavailable",
@@ -71,7 +75,7 @@ class UpstreamSession:
             body = b""
         finally:
             resp.close()
-        raise map_status(resp.status, body, resp.headers.get("retry-after"), self.name)
+        raise map_status(resp.status, body, resp.headers.get("retry-after"), self.name, self.scrub)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -16,9 +16,10 @@ import openai
 import orjson
 
 from app.config import ProviderConfig, Settings
+from app.errors import UpstreamStatus
 from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.base import ChatRequest
-from app.providers.errors import in_band_error, truncated
+from app.providers.errors import Scrubber, in_band_error, truncated, untranslatable
 from app.providers.http import UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 
@@ -104,14 +105,17 @@ class OpenAIProvider:
         api_key = config.api_key.get_secret_value() if config.api_key else "none"
         # The SDK client only lends its base URL and headers (see http.py).
         self._http = UpstreamSession(
-            name, openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url), connect
+            name,
+            openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url),
+            connect,
+            Scrubber.for_settings(settings),
         )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
-        params = build_params(request)
+        params = untranslatable(self.name, build_params, request)
         if request.continuation and self.kind == "openai-compatible":
             params.update(CONTINUE_PARAMS)
         resp = await self._http.post_stream("/chat/completions", params)
@@ -135,7 +139,12 @@ class OpenAIProvider:
                     except orjson.JSONDecodeError:
                         bad = True
                         break
-                    events += normalise_chunk(obj)
+                    try:
+                        events += normalise_chunk(obj)
+                    except UpstreamStatus:
+                        # An in-band error: mapped again with the configured
+                        # secrets known (free in the loop until it raises).
+                        raise in_band_error(obj["error"], self.name, self._http.scrub) from None
                 if events:
                     yield events
                 if bad:
