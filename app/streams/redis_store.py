@@ -25,7 +25,9 @@ subscription was down is not lost).
 Readers on the instance that runs a stream follow a copy of its log kept in
 this process while it runs (appended after Redis took each batch, so both
 agree on every id): no Redis round trip and no connection held per local
-reader. Readers elsewhere each hold a connection in a blocking ``XREAD``.
+reader. Readers elsewhere each hold a connection in a blocking ``XREAD``,
+each reply a bounded piece (``COUNT``), so that a reader that stops reading
+holds one piece, never a copy of the log.
 
 Every Redis failure becomes ``StoreUnavailable``: a 503 before a stream, a
 clean ``error`` + ``end`` + ``[DONE]`` during one (the owner marks the
@@ -49,7 +51,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from app.errors import StoreUnavailable, StreamLost
-from app.streams.store import DONE_TAIL, Log, Meta
+from app.streams.store import DONE_TAIL, PIECE_BYTES, Log, Meta
 from app.wire.simple import ending_frames
 
 log = logging.getLogger("app.streams")
@@ -64,6 +66,10 @@ HEARTBEAT_S = 1.0
 OWNER_TTL_S = 10.0
 LEASE_S = 3.0
 _BLOCK_MS = 700
+# Frames per XREAD: a reader that is behind (a replay, a slow client) reads
+# the log in pieces of about PIECE_BYTES, never the whole log in one reply.
+_COUNT_FIRST = 64
+_COUNT_MAX = 4096
 
 # A field set on a stream's hash only while it exists (never a key without TTL).
 _MARK = """
@@ -283,9 +289,10 @@ class RedisStore:
         self, sid: str, key: str, log_key: str, last: str | bytes
     ) -> AsyncIterator[tuple[int, bytes]]:
         r = self.r
+        count = _COUNT_FIRST
         while not self.closing:
             try:
-                found = await r.xread({log_key: last}, block=_BLOCK_MS)
+                found = await r.xread({log_key: last}, count=count, block=_BLOCK_MS)
                 if not found:
                     owner, state = await r.hmget(key, "owner", "state")
                     if owner is None:
@@ -304,6 +311,8 @@ class RedisStore:
             entry: bytes = entries[-1][0]
             last = entry
             data = b"".join(fields[b"f"] for _, fields in entries)
+            # The next read asks for about PIECE_BYTES of frames of this size.
+            count = min(_COUNT_MAX, max(1, len(entries) * PIECE_BYTES // len(data)))
             yield _number(entry), data
             if data.endswith(DONE_TAIL):
                 return

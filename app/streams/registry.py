@@ -34,6 +34,7 @@ from contextlib import aclosing, suppress
 
 import orjson
 
+from app.capacity import Capacity, ReaderHold
 from app.config import Settings
 from app.errors import (
     Cancelled,
@@ -99,6 +100,7 @@ class Run:
         "client",
         "done",
         "gen",
+        "hold",
         "keeper",
         "name",
         "opening",
@@ -113,6 +115,7 @@ class Run:
         self.client = client
         self.name = name
         self.gen: Generation | None = None
+        self.hold: ReaderHold | None = None  # its first reader's place, until it reads
         self.task: asyncio.Task[None] | None = None
         self.readers = 0
         self.keeper: asyncio.Task[None] | None = None
@@ -136,6 +139,12 @@ class Streams:
         self.grace_s = settings.resume_grace_s
         self.max_events = settings.stream_log_max_events
         self.max_bytes = settings.stream_log_max_bytes
+        # Readers and generations open in this process, under their caps.
+        self.capacity = Capacity(
+            settings.max_open_streams,
+            settings.max_readers_per_stream,
+            settings.max_readers_per_client,
+        )
         self.runs: dict[str, Run] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -172,17 +181,34 @@ class Streams:
 
     # -- owner side ----------------------------------------------------------
 
-    async def reserve(self, client: str, name: str) -> Run:
+    async def reserve(self, client: str, name: str, *, reading: bool = True) -> Run:
         """Register a stream (in the store first: a store that is down fails here, before
-        any upstream is called)."""
+        any upstream is called).
+
+        ``reading``: the caller reads it at once (``launch(reading=True)``,
+        ``read_new``): its reader's place under the caps is taken first (429, 503).
+        """
         run = Run(new_stream_id(), client, name)
-        await self.store.create(run.sid, client)
+        if reading:
+            run.hold = self.capacity.reader(run.sid, client)
+        try:
+            await self.store.create(run.sid, client)
+        except BaseException:
+            self._unhold(run)
+            raise
         return run
 
     async def discard(self, run: Run) -> None:
         """A reserved stream that will not run (its generation failed to open)."""
+        self._unhold(run)
         with suppress(StoreUnavailable):
             await self.store.discard(run.sid)
+
+    @staticmethod
+    def _unhold(run: Run) -> None:
+        if run.hold is not None:
+            run.hold.release()
+            run.hold = None
 
     def launch(
         self,
@@ -211,7 +237,7 @@ class Streams:
     async def start(self, client: str, name: str, opener: Opener, *, slot: Slot) -> Run:
         """Reserve and launch a stream that nobody reads yet (``POST /chat/streams``)."""
         try:
-            run = await self.reserve(client, name)
+            run = await self.reserve(client, name, reading=False)
         except BaseException:
             await slot.release()
             raise
@@ -219,8 +245,12 @@ class Streams:
         return run
 
     def read_new(self, run: Run) -> AsyncIterator[bytes]:
-        """The whole stream, for the reader ``launch(reading=True)`` counted."""
-        return self._read(run.sid, -1, run)
+        """The whole stream, for the reader ``launch(reading=True)`` counted, in the place
+        ``reserve`` took for it."""
+        hold, run.hold = run.hold, None
+        if hold is None:  # reserved without it: counted all the same, too late to refuse
+            hold = self.capacity.reader(run.sid, run.client, check=False)
+        return self._read(run.sid, -1, run, hold)
 
     async def _produce(self, run: Run, opening: Generation | Opener, slot: Slot) -> None:
         store, sid = self.store, run.sid
@@ -397,7 +427,8 @@ class Streams:
     # -- reader side ---------------------------------------------------------
 
     async def subscribe(self, sid: str, client: str, after: int) -> AsyncIterator[bytes] | None:
-        """The stream after frame ``after`` (-1: all of it); None once it was all delivered."""
+        """The stream after frame ``after`` (-1: all of it); None once it was all delivered.
+        A reader over a cap is refused here, before its response starts (429, 503)."""
         if not _ID.fullmatch(sid):
             raise _unknown(sid)
         meta = await self.store.meta(sid)
@@ -411,11 +442,14 @@ class Streams:
             )
         if meta.ended and after == meta.last:
             return None
-        return self._read(sid, after, self.runs.get(sid), counted=False)
+        hold = self.capacity.reader(sid, client)
+        return self._read(sid, after, self.runs.get(sid), hold, counted=False)
 
     async def _read(
-        self, sid: str, after: int, run: Run | None, *, counted: bool = True
+        self, sid: str, after: int, run: Run | None, hold: ReaderHold, *, counted: bool = True
     ) -> AsyncIterator[bytes]:
+        """``hold``: the reader's place under the caps, released when this ends (or when a
+        body that never started is collected)."""
         if run is not None and not counted:
             run.readers += 1
             if run.keeper is not None:
@@ -446,6 +480,7 @@ class Streams:
             else:
                 yield b"".join(again + f for f in ending_frames(sid, None, exc))
         finally:
+            hold.release()
             if run is not None:
                 run.readers -= 1
                 self._detached(run)

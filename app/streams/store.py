@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 DONE_TAIL = b"data: [DONE]\n\n"
+# The most a reader is handed at once when it is behind (a replay, a slow
+# client): what it holds while its socket is full.
+PIECE_BYTES = 64 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,7 +50,8 @@ class Store(Protocol):
     async def meta(self, sid: str) -> Meta | None: ...
 
     def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
-        """(number of the last frame, frames joined) after frame ``after``, up to [DONE]."""
+        """(number of the last frame, frames joined) after frame ``after``, up to [DONE];
+        joined in pieces of at most ``PIECE_BYTES`` (or one larger frame)."""
         ...
 
     async def has_reader(self, sid: str) -> bool:
@@ -94,10 +98,20 @@ class Log:
         i = after + 1
         while True:
             n = len(frames)
-            if i < n:
-                data = frames[i] if n - i == 1 else b"".join(frames[i:n])
+            if i + 1 == n:  # live: the one new frame, as it is
                 i = n
-                yield n - 1, data
+                yield n - 1, frames[n - 1]
+            elif i < n:
+                # Catching up: pieces of at most PIECE_BYTES (or one larger frame), so
+                # that a reader that stops reading waits on its socket's flow control
+                # holding one piece, never a copy of the log.
+                j, size = i + 1, len(frames[i])
+                while j < n and size + len(frames[j]) <= PIECE_BYTES:
+                    size += len(frames[j])
+                    j += 1
+                data = frames[i] if j - i == 1 else b"".join(frames[i:j])
+                i = j
+                yield j - 1, data
             elif self.ended:
                 return
             else:

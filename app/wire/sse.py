@@ -11,6 +11,11 @@ escaped (the JSON means the same).
 detection, keep-alive pings, shutdown handling) with one change: a send
 without a timeout skips the cancel scope sse-starlette opens around every
 send, a few µs per relayed batch that buys nothing.
+
+Nothing is queued on the way out: each piece of a body is sent in turn, and
+uvicorn's send waits while the connection's write buffer is over its
+high-water mark, so a client that stops reading stops its body iterator at
+its next piece (``app.streams`` hands a reader that is behind bounded pieces).
 """
 
 from __future__ import annotations
