@@ -4,9 +4,12 @@
 
     GatewayError                      500 internal_error
     ├── InvalidRequest                400 invalid_request_error
-    ├── AuthenticationFailed          401 authentication_error
+    ├── AuthenticationFailed          401 authentication_error (WWW-Authenticate: Bearer)
+    ├── OriginNotAllowed              403 permission_error (a cross-site Origin)
     ├── NotFound                      404 not_found_error (unknown model, stream)
     ├── PayloadTooLarge               413 request_too_large
+    ├── UnsupportedMediaType          415 (no-key mode: a JSON route without application/json)
+    ├── HostNotAllowed                421 (no-key mode: a Host that is not loopback or allowed)
     ├── RateLimited                   429 rate_limit_error        (Retry-After)
     ├── Overloaded                    503 overloaded_error        (Retry-After)
     │   ├── ShuttingDown              503 server_shutdown (draining; streams ended after the grace)
@@ -116,6 +119,21 @@ class AuthenticationFailed(GatewayError):
 class NotFound(GatewayError):
     status = 404
     error_type = "not_found_error"
+
+
+class OriginNotAllowed(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+
+
+class HostNotAllowed(GatewayError):
+    status = 421  # Misdirected Request: this server does not answer for that name
+    error_type = "invalid_request_error"
 
 
 class PayloadTooLarge(GatewayError):

@@ -33,27 +33,12 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import GatewayError
+from app.errors import GatewayError, HostNotAllowed, OriginNotAllowed, UnsupportedMediaType
 
 # POST routes that take a JSON body; every later /v1/* POST is one too.
 JSON_ROUTES = frozenset({"/chat/stream", "/chat/streams", "/chat/fanout"})
 _SHOWN = 100  # at most this much of a client's header value goes into a message
 _DEFAULT_PORTS = {b"http": b"80", b"https": b"443", b"ws": b"80", b"wss": b"443"}
-
-
-class HostNotAllowed(GatewayError):
-    status = 421  # Misdirected Request: this server does not answer for that name
-    error_type = "invalid_request_error"
-
-
-class OriginNotAllowed(GatewayError):
-    status = 403
-    error_type = "permission_error"
-
-
-class UnsupportedMediaType(GatewayError):
-    status = 415
-    error_type = "invalid_request_error"
 
 
 def _shown(value: bytes) -> str:

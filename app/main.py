@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "resumable streams this instance runs (readers attached or not)",
         lambda: len(streams.runs),
     )
+    streams.capacity.export(router.metrics)  # open streams and readers, when scraped
     drain = Drain(router, settings.shutdown_grace_s, streams)
     # Readers of streams that run on other instances: clients reconnect elsewhere.
     drain.before_exit.append(lambda: setattr(streams.store, "closing", True))

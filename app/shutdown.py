@@ -41,10 +41,6 @@ class Drain:
     def __init__(self, router: Router, grace_s: float, streams: Streams | None = None) -> None:
         self.router = router
         self.streams = streams
-        if streams is not None:
-            # What the process holds open is counted in its metrics (the one place
-            # the app hands both over; idempotent).
-            streams.capacity.export(router.metrics)
         self.grace_s = grace_s
         self.task: asyncio.Task[None] | None = None
         self._previous: dict[int, Any] = {}

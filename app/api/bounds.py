@@ -40,7 +40,9 @@ def check_depth(value: Any, limit: int) -> None:
     """A 400 naming the field when ``value`` nests deeper than ``limit``."""
     path = too_deep(value, limit)
     if path is not None:
-        field = path.split("[", 1)[0].split(".", 1)[0] or None
+        field = path.split("[", 1)[0].split(".", 1)[0][:64] or None
+        if len(path) > 200:  # a client's own keys, echoed: keep the message short
+            path = path[:200] + "…"
         raise InvalidRequest(
             f"{path}: JSON nested deeper than {limit} levels (GATEWAY_MAX_JSON_DEPTH)",
             param=field,

@@ -38,6 +38,8 @@ def frames(batch: list[ChatEvent], stream_id: str) -> list[str]:
                 call["name"] = ev.name
             out.append(frame("tool_call", **call))
         elif isinstance(ev, Start):
+            if ev.continuation:
+                continue  # one start per request; its end names who finished
             out.append(frame("start", id=stream_id, model=ev.model, provider=ev.provider))
         elif isinstance(ev, Error):
             out.append(frame("error", **ev.error.in_band()))
