@@ -27,6 +27,7 @@ prefilled assistant turn), so that it is not asked again (``app.failover``).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 State = Literal["closed", "open", "half_open"]
+# How far from the least recently used end eviction looks for a breaker that knows nothing.
+_EVICT_SCAN = 64
 Admission = Literal["no", "yes", "probe"]
 
 
@@ -119,11 +122,28 @@ class Circuits:
             breaker = Breaker(self.threshold, self.cooldown_s, self.clock)
             breakers[target] = breaker
             if len(breakers) > self.max_targets:
-                breakers.popitem(last=False)
-                self.evicted += 1
+                self._evict()
         else:
             breakers.move_to_end(target)
         return breaker
+
+    def _evict(self) -> None:
+        """Forget the least recently used breaker that knows nothing: closed, no failures,
+        no rejected continuation. A client naming new ids must not reset an open circuit
+        (nor be the way to retry a target sooner); only when the oldest entries all hold
+        news does the oldest go."""
+        breakers = self.breakers
+        for name, breaker in itertools.islice(breakers.items(), _EVICT_SCAN):
+            if (
+                breaker.state == "closed"
+                and not breaker.failures
+                and not breaker.rejects_continuation
+            ):
+                del breakers[name]
+                break
+        else:
+            breakers.popitem(last=False)
+        self.evicted += 1
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {name: b.snapshot() for name, b in sorted(self.breakers.items())}

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # longer than this, are refused with a 400.
     max_json_depth: int = Field(default=32, ge=4, le=256)
     max_model_length: int = Field(default=256, ge=16)
+    # Any list in a body or frame (messages, content parts, tools, ...) longer
+    # than this is refused with a 400 before it is validated.
+    max_list_items: int = Field(default=2048, ge=16)
     # After authentication: readers attached to one resumable stream, readers
     # one client holds at once, and streaming responses (relays and readers)
     # open in this process. Over a cap: 429 (per stream, per client) or 503.

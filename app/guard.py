@@ -147,7 +147,8 @@ class Guard:
         host = origin = ctype = fetch_site = None
         for name, value in scope["headers"]:
             if name == b"host":
-                host = value
+                # Two Hosts: which one the app reads is not ours to guess (malformed).
+                host = value if host is None else b""
             elif name == b"origin":
                 origin = value
             elif name == b"content-type":

@@ -11,6 +11,7 @@ circuit breaker in ``app.circuit``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from app.circuit import Breaker, Circuits
 from app.config import ProviderConfig, Settings, SettingsError
@@ -97,6 +98,19 @@ class Router:
 
     def breaker(self, target: Target) -> Breaker:
         return self.circuits.get(target.name)
+
+    def circuit_summary(self) -> dict[str, dict[str, Any]]:
+        """Circuits for ``/readyz``: configured targets each, client-chosen ids counted by
+        state under ``provider/*`` (never listed: they are other clients' business)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, breaker in sorted(self.circuits.breakers.items()):
+            key = self.metric_key(Target(*name.split("/", 1)))
+            if key == name:
+                out[name] = breaker.snapshot()
+            else:
+                counts = out.setdefault(key, {"open": 0, "half_open": 0, "closed": 0})
+                counts[breaker.state] += 1
+        return out
 
     def accepts_continuation(self, route: Route, target: Target) -> bool:
         """May ``target`` be asked to continue a broken answer on ``route``?

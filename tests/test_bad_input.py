@@ -130,6 +130,7 @@ def strict_env():
         default_model="openai/gpt-4o-mini",
         max_json_depth=8,
         max_model_length=40,
+        max_list_items=100,
     )
     gw = GatewayServer(settings).start()
     yield gw, fake
@@ -309,3 +310,24 @@ def test_bad_input_while_draining_is_still_a_400_not_shutting_down(gw):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = post(gw, "/chat/stream", {"prompt": "hi"})  # a good one: the drain answers
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("messages", [1] * 50_000, "messages"),
+        ("messages", [{"role": "user", "content": [{"type": "x"}] * 50_000}], "messages"),
+        ("tools", [{"type": "function"}] * 50_000, "tools"),
+    ],
+    ids=["messages", "content-parts", "tools"],
+)
+def test_a_list_over_the_limit_is_refused_before_validation(strict_gw, field, value, param):
+    # Validating (and describing) 50,000 wrong items would hold the event loop for
+    # seconds; the walk that checks depth refuses the list first.
+    before = refusals(strict_gw, "list_items")
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body[field] = value
+    r = post(strict_gw, "/v1/chat/completions", body)
+    assert_refused(r, 400, "list_too_long", param, "longer than 100 items")
+    assert refusals(strict_gw, "list_items") == before + 1
+    assert r.elapsed.total_seconds() < 1.0

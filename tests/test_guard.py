@@ -241,3 +241,17 @@ def test_metrics_can_require_a_key(make_gateway):
 def test_metrics_are_open_by_default(make_gateway):
     gw = make_gateway(api_keys=[KEY])
     assert httpx.get(gw.url + "/metrics").status_code == 200
+
+
+def test_two_host_headers_are_refused(open_gw):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", open_gw.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/models HTTP/1.1\r\nHost: evil.example\r\nHost: localhost\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 421"), reply[:200]

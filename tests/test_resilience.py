@@ -358,6 +358,12 @@ def circuits(gw):
     return httpx.get(gw.url + "/readyz").json()["circuits"]
 
 
+def breaker(gw, target):
+    """A target's breaker as the server holds it (/readyz lists configured targets only)."""
+    found = gw.app.state.gateway.router.circuits.breakers.get(target)
+    return None if found is None else found.snapshot()
+
+
 def test_outage_then_recovery(make_gateway, openai_fake, anthropic_fake):
     """The primary is down for a while: the fallback serves, then the primary takes over again."""
     gw = gateway(
@@ -794,7 +800,7 @@ def test_a_failing_model_id_opens_only_its_own_circuit(make_gateway, openai_fake
     for _ in range(5):
         r, _ = chat(gw, "openai/overloaded-model")
         assert r.status_code in (503, 200)  # 503 before the stream; circuit_open once open
-    assert circuits(gw)["openai/overloaded-model"]["state"] == "open"
+    assert breaker(gw, "openai/overloaded-model")["state"] == "open"
     r, _ = chat(gw, "openai/overloaded-model")
     assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
     assert int(r.headers["retry-after"]) >= 1
@@ -802,7 +808,11 @@ def test_a_failing_model_id_opens_only_its_own_circuit(make_gateway, openai_fake
     openai_fake.default = Scenario()
     r, events = chat(gw, "openai/gpt-4.1-mini")
     assert r.status_code == 200 and outcome(events)[1] is None
-    assert circuits(gw)["openai/gpt-4.1-mini"]["state"] == "closed"
+    assert breaker(gw, "openai/gpt-4.1-mini")["state"] == "closed"
+    # /readyz counts client-chosen ids by state and never names them.
+    ready = circuits(gw)
+    assert ready["openai/*"] == {"open": 1, "half_open": 0, "closed": 1}
+    assert not any("overloaded" in name for name in ready)
     # Client-chosen ids never become metric labels: counted together under openai/*.
     text = httpx.get(gw.url + "/metrics").text
     assert "overloaded-model" not in text and "gpt-4.1-mini" not in text
@@ -830,7 +840,7 @@ def test_refusals_never_count_against_a_circuit(make_gateway, openai_fake, refus
     for _ in range(4):
         r, _ = chat(gw, "openai/some-model")
         assert r.status_code in (400, 404, 502)
-    assert circuits(gw)["openai/some-model"] == {
+    assert breaker(gw, "openai/some-model") == {
         "state": "closed",
         "consecutive_failures": 0,
         "retry_in_s": 0.0,
@@ -845,8 +855,30 @@ def test_the_circuit_table_stays_bounded(make_gateway, openai_fake):
     gw.call(lambda: [table.get(f"openai/made-up-{i}") for i in range(3000)])
     for i in range(5):
         chat(gw, f"openai/probe-{i}")
-    table = circuits(gw)
-    assert len(table) == 16 and "openai/probe-4" in table and "openai/made-up-0" not in table
+    names = set(table.breakers)
+    assert len(names) == 16 and "openai/probe-4" in names and "openai/made-up-0" not in names
+
+
+def test_new_model_ids_never_evict_an_open_circuit(make_gateway, openai_fake):
+    gw = make_gateway(
+        openai_fake=openai_fake,
+        default_model=PRIMARY,
+        circuit_max_targets=16,
+        circuit_failure_threshold=2,
+        max_retries=0,
+    )
+    openai_fake.default = DOWN
+    for _ in range(2):
+        chat(gw, "openai/bad")
+    assert breaker(gw, "openai/bad")["state"] == "open"
+    openai_fake.default = Scenario(fault="status", status=404)
+    for i in range(40):  # churn well past the table's size
+        chat(gw, f"openai/new-{i}")
+    assert breaker(gw, "openai/bad")["state"] == "open"
+    before = len(gens(openai_fake))
+    r, _ = chat(gw, "openai/bad")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
+    assert len(gens(openai_fake)) == before  # not called again
 
 
 def test_streams_that_break_after_content_open_the_circuit(

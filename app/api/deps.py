@@ -17,7 +17,7 @@ import orjson
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
-from app.api.bounds import check_depth, check_model
+from app.api.bounds import check_depth, check_model, refusal
 from app.config import Settings
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest, RateLimited
 from app.limits import RateLimits, Slot
@@ -151,9 +151,9 @@ def check_bounds(request: Request, data: dict[str, Any]) -> None:
     """Depth anywhere in the body, then the model name's length: before any validation."""
     settings: Settings = request.app.state.gateway.settings
     try:
-        check_depth(data, settings.max_json_depth)
-    except InvalidRequest:
-        refused(request, "json_depth")
+        check_depth(data, settings.max_json_depth, settings.max_list_items)
+    except InvalidRequest as exc:
+        refused(request, refusal(exc))
         raise
     check_model_names(request, data.get("model"), "model")
 

@@ -40,11 +40,15 @@ async def readyz(state: State) -> Response:
     body = {
         "status": "draining" if state.router.draining else "ready" if ok else "not_ready",
         "providers": providers,
-        "circuits": state.router.circuits.snapshot(),
+        "circuits": state.router.circuit_summary(),
     }
     if redis is not None:
         body["redis"] = redis
-    return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
+    # A 503 says when to look again, as every 503 does.
+    headers = None if ok else {"Retry-After": "1"}
+    return Response(
+        dumps(body), status_code=200 if ok else 503, media_type="application/json", headers=headers
+    )
 
 
 @router.get("/metrics")

@@ -26,7 +26,7 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from app.api.bounds import check_depth, check_model
+from app.api.bounds import check_depth, check_model, refusal
 from app.api.deps import GatewayState, admit, client_of, describe, key_matches, opening
 from app.api.schemas import SimpleChatBody
 from app.errors import (
@@ -103,16 +103,25 @@ class Session:
         if too_large(raw, limit):
             self.refused("ws_message_size")
             raise message_too_large(limit)
+        settings = self.state.settings
         try:
             msg: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
+            if "depth limit" in str(exc).lower() or "recursion" in str(exc).lower():
+                # orjson's own limit (1024 levels), far past GATEWAY_MAX_JSON_DEPTH.
+                self.refused("json_depth")
+                raise InvalidRequest(
+                    f"frame: JSON nested deeper than {settings.max_json_depth} levels "
+                    "(GATEWAY_MAX_JSON_DEPTH)",
+                    code="json_too_deep",
+                ) from None
             raise InvalidRequest("the frame is not valid JSON", code="invalid_json") from None
         if not isinstance(msg, dict):
             raise InvalidRequest("a frame must be a JSON object", code="invalid_json")
         try:
-            check_depth(msg, self.state.settings.max_json_depth)
-        except InvalidRequest:
-            self.refused("json_depth")
+            check_depth(msg, settings.max_json_depth, settings.max_list_items)
+        except InvalidRequest as exc:
+            self.refused(refusal(exc))
             raise
         return msg
 
