@@ -479,3 +479,51 @@ def test_page_fits_a_phone(browser: Any, gw: Any, openai_fake: Any) -> None:
         tab.assert_clean()
     finally:
         tab.context.close()
+
+
+def test_compare_local_models_says_they_answer_in_turn(
+    browser: Any, make_gateway: Any, openai_fake: Any
+) -> None:
+    # A fake upstream under the provider name "local", as /v1/models lists the embedded
+    # models; the second answers only after a delay, as it would waiting for the first.
+    local = fake_providers(openai_fake)["compat"] | {"models": ["small", "other"]}
+    providers = listed_providers(openai_fake) | {"local": local}
+    gw = make_gateway(providers=providers, default_model="local/small")
+    openai_fake.for_model["small"] = Scenario(chunks=[f"s{i} " for i in range(6)], interval=0.15)
+    openai_fake.for_model["other"] = Scenario(chunks=["o1 ", "o2"], first_token_delay=1.5)
+    tab = Page(browser, gw.url)
+    try:
+        tab.open()
+        note = tab.page.locator("[data-testid=compare-note]")
+        tab.compare(["local/small", MODEL])
+        assert not note.is_visible(), "one local model does not wait for anything"
+        tab.compare(["local/small", "local/other"])
+        assert note.is_visible() and "one after the other" in note.inner_text()
+        tab.ask("compare", model=None)
+        tab.wait_status("streaming", nth=0)
+        tab.wait_status("queued", nth=1, timeout=3)
+        assert tab.text(".status", nth=1) == "waiting for the model…"
+        assert "local/small" in tab.text(nth=1)
+        tab.wait_status("done", nth=1)
+        tab.wait_status("done", nth=0)
+        assert tab.text(nth=1) == "o1 o2"
+        assert tab.text(nth=0) == "".join(f"s{i} " for i in range(6)).strip()
+        tab.assert_clean()
+    finally:
+        tab.context.close()
+
+
+def test_compare_is_off_with_one_listed_model(
+    browser: Any, make_gateway: Any, openai_fake: Any
+) -> None:
+    gw = make_gateway(
+        providers={"compat": fake_providers(openai_fake)["compat"]}, default_model="compat/Qwen3-8B"
+    )
+    tab = Page(browser, gw.url)
+    try:
+        tab.open()
+        assert tab.page.is_disabled("#compare")
+        assert "two models" in str(tab.page.get_attribute("#compare-toggle", "title"))
+        tab.assert_clean()
+    finally:
+        tab.context.close()

@@ -1,15 +1,18 @@
-"""The README's browser examples, run as written in headless Chromium, and its curl example."""
+"""The README's examples, run as written: browser code in headless Chromium, curl and Python."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.fakes import Scenario
+from tests.harness import fake_providers
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHROMIUM = "/usr/bin/chromium"
@@ -133,3 +136,59 @@ def test_the_curl_example_resumes_and_stops(make_gateway, openai_fake):
     openai_fake.wait_closed(0, timeout=3)
     assert not openai_fake.attempts[0].completed
     assert len([a for a in openai_fake.attempts if a.method == "POST"]) == 1
+
+
+# The README's examples name the two embedded models; here a fake upstream serves
+# them under the provider name "local", so the examples run as written, fast.
+LOCAL_MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
+
+
+@pytest.fixture
+def local_gateway(make_gateway, openai_fake):
+    local = fake_providers(openai_fake)["compat"] | {"models": LOCAL_MODELS}
+    return make_gateway(providers={"local": local}, default_model="local/smollm2-135m-instruct")
+
+
+def test_the_fanout_curl_example_streams_both_models(local_gateway, openai_fake):
+    for i, model in enumerate(LOCAL_MODELS):
+        openai_fake.for_model[model] = Scenario(chunks=[f"m{i}-a ", f"m{i}-b"], interval=0.02)
+    code = example("Fan-out with curl", "sh")
+    assert code.startswith("curl -N http://127.0.0.1:8000/chat/fanout ")
+    code = code.replace("http://127.0.0.1:8000", local_gateway.url, 1)
+    done = subprocess.run(
+        ["bash", "-c", code], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    datas = [json.loads(d) for d in re.findall(r"^data: (\{.*\})$", done.stdout, re.M)]
+    ends = [d for d in datas if "finish_reason" in d]
+    assert sorted((e["index"], e["model"], e["finish_reason"]) for e in ends) == [
+        (0, "local/smollm2-135m-instruct", "stop"),
+        (1, "local/gemma-3-270m", "stop"),
+    ], done.stdout
+    for i in range(2):
+        text = "".join(d["content"] for d in datas if d.get("index") == i and "content" in d)
+        assert text == f"m{i}-a m{i}-b"
+    assert done.stdout.rstrip().endswith("data: [DONE]")
+    assert done.stdout.count("[DONE]") == 1
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=False
+    )
+
+
+def test_the_websocket_python_example_prints_the_answer(local_gateway, openai_fake):
+    openai_fake.default = Scenario(chunks=["Paris ", "is ", "the capital."], interval=0.02)
+    code = example("A WebSocket client in Python", "python")
+    assert '"ws://127.0.0.1:8000/ws/chat"' in code
+    port = local_gateway.url.rsplit(":", 1)[1]
+    done = run_python(code.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Paris is the capital.\n[stop]\n"
+    # A refused request (a bad field) gets an error frame and no end: the example stops.
+    bad = code.replace('"max_tokens": 40', '"max_tokens": -1')
+    assert bad != code
+    done = run_python(bad.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("\n[error: ") and "max_tokens" in done.stdout

@@ -8,6 +8,8 @@ const modelSelect = $("#model");
 const compareBox = $("#compare");
 const compareSet = $("#compare-models");
 const compareList = $("#compare-list");
+const compareNote = $("#compare-note");
+const compareToggle = $("#compare-toggle");
 const promptBox = $("#prompt");
 const sendButton = $("#send");
 const stopButton = $("#stop");
@@ -18,6 +20,8 @@ const template = $("#panel-template");
 
 let controller = null; // the AbortController of the request in flight
 let panels = [];
+// Models of the embedded provider: they run one generation at a time, across all of them.
+let localIds = new Set();
 
 // -- auth ------------------------------------------------------------------------------
 keyInput.value = sessionStorage.getItem("gateway-key") || "";
@@ -39,7 +43,9 @@ async function loadModels() {
       const msg = body && body.error ? body.error.message : res.statusText;
       throw new Error(`HTTP ${res.status}: ${msg}`);
     }
-    const ids = (body.data || []).map((m) => m.id);
+    const listed = body.data || [];
+    const ids = listed.map((m) => m.id);
+    localIds = new Set(listed.filter((m) => m.owned_by === "local").map((m) => m.id));
     fillModels(ids);
     formError.textContent = "";
     document.body.dataset.ready = "true";
@@ -71,6 +77,20 @@ function fillModels(ids) {
       return label;
     }),
   );
+  // Compare needs two listed models: say so rather than refuse after a click.
+  const enough = ids.length >= 2;
+  compareBox.disabled = !enough;
+  compareToggle.title = enough ? "" : "Compare needs two models; /v1/models lists fewer.";
+  if (!enough && compareBox.checked) {
+    compareBox.checked = false;
+    compareBox.dispatchEvent(new Event("change"));
+  }
+  updateCompareNote();
+}
+
+function updateCompareNote() {
+  const local = compareChoice().filter((id) => localIds.has(id));
+  compareNote.hidden = !compareBox.checked || local.length < 2;
 }
 
 function compareChoice() {
@@ -86,7 +106,9 @@ compareBox.addEventListener("change", () => {
     const at = Math.max(0, boxes.findIndex((b) => b.value === modelSelect.value));
     for (const b of [boxes[at], boxes[(at + 1) % boxes.length]]) if (b) b.checked = true;
   }
+  updateCompareNote();
 });
+compareList.addEventListener("change", updateCompareNote);
 
 // -- panels ----------------------------------------------------------------------------
 function makePanel(model, index) {
@@ -116,7 +138,8 @@ function setStatus(panel, state, label = state) {
   panel.status.dataset.state = state;
   panel.status.textContent = label;
   panel.el.dataset.state = state;
-  panel.answer.setAttribute("aria-busy", String(state === "streaming" || state === "waiting"));
+  const busyStates = ["streaming", "waiting", "queued"];
+  panel.answer.setAttribute("aria-busy", String(busyStates.includes(state)));
 }
 
 function showError(panel, message) {
@@ -271,6 +294,23 @@ async function runSingle(prompt, model, signal) {
   }
 }
 
+// A local model waits while another local one generates: show it on its panel until
+// its own first token (its start comes with that token).
+function queueBehind(running) {
+  for (const p of panels) {
+    if (p === running || p.ended || p.text || !localIds.has(p.el.dataset.model)) continue;
+    if (p.status.dataset.state !== "waiting") continue;
+    setStatus(p, "queued", "waiting for the model…");
+    const note = document.createElement("p");
+    note.className = "queued-note";
+    note.dataset.testid = "queued-note";
+    note.textContent =
+      `Waiting for ${running.el.dataset.model} to finish: ` +
+      "local models answer one after the other.";
+    p.answer.replaceChildren(note);
+  }
+}
+
 async function runFanout(prompt, models, signal) {
   try {
     const { results } = await streamFanout(
@@ -282,8 +322,10 @@ async function runFanout(prompt, models, signal) {
         onEvent: (ev) => {
           const panel = ev.data && panels[ev.data.index];
           if (!panel) return;
-          if (ev.event === "start") setStatus(panel, "streaming");
-          else if (ev.event === "end") finishPanel(panel, ev.data, null);
+          if (ev.event === "start") {
+            setStatus(panel, "streaming");
+            if (localIds.has(panel.el.dataset.model)) queueBehind(panel);
+          } else if (ev.event === "end") finishPanel(panel, ev.data, null);
           else if (ev.event === "error") {
             const e = ev.data.error || {};
             showError(panel, `${e.message || "error"}${e.code ? ` (${e.code})` : ""}`);
