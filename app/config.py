@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # request, the time they may take to arrive, an idle keep-alive connection.
     max_header_bytes: int = Field(default=64 * 1024, ge=4096)
     header_timeout_s: float = Field(default=10.0, gt=0)
+    # A request's body must arrive within this long after its headers (a client
+    # trickling a declared body would otherwise hold the connection forever).
+    body_timeout_s: float = Field(default=60.0, gt=0)
     keep_alive_timeout_s: float = Field(default=5.0, gt=0)
     # /ws/chat: the largest message a client may send (unset: GATEWAY_MAX_BODY_BYTES),
     # and how long an unauthenticated connection may take to send its auth frame.

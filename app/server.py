@@ -43,17 +43,25 @@ def _ignore(limit: str) -> None:
 class TransportLimits:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     # Called with the limit's name on each refusal (the app's refusal counter).
     on_refused: Callable[[str], None] = _ignore
 
     @classmethod
     def of(cls, settings: Settings, on_refused: Callable[[str], None]) -> TransportLimits:
-        return cls(settings.max_header_bytes, settings.header_timeout_s, on_refused)
+        return cls(
+            settings.max_header_bytes,
+            settings.header_timeout_s,
+            settings.body_timeout_s,
+            on_refused,
+        )
 
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a refused request."""
 
+
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
 # uvicorn's parser callbacks, called without super()'s lookup (once per header).
 _on_url = HttpToolsProtocol.on_url
@@ -71,6 +79,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # the bytes received in later chunks of an unfinished head.
         self._head_left = self._raw_left = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # Set while a declared body is awaited (Content-Length or Transfer-Encoding).
+        self._has_body = False
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -79,6 +90,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -112,6 +124,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = self._head_new = True
+        self._has_body = False
         self._head_left = self._raw_left = self.limits.max_header_bytes
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(
@@ -130,12 +143,35 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._head_left < 0:
             self._refuse_head()
             raise _Refused
+        if len(name) in (14, 17) and name.lower() in _BODY_HEADERS and value.strip() != b"0":
+            self._has_body = True
         _on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()
+        if self._has_body:
+            # Also when the app answers without reading it (a 401): the connection
+            # is not held while a client trickles a body nobody reads.
+            self._body_timer = self.loop.call_later(
+                self.limits.body_timeout_s, self._body_timed_out
+            )
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._stop_body_timer()
+        super().on_message_complete()
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            self.limits.on_refused("body_timeout")
+            self.transport.close()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:

@@ -45,6 +45,7 @@ class Gateway:
             GATEWAY_API_KEYS=KEY,
             GATEWAY_MAX_HEADER_BYTES=str(MAX_HEADER),
             GATEWAY_HEADER_TIMEOUT_S="1",
+            GATEWAY_BODY_TIMEOUT_S="1",
             GATEWAY_KEEP_ALIVE_TIMEOUT_S="2",
             GATEWAY_LOG_LEVEL="info",
         )
@@ -345,3 +346,46 @@ def test_x_forwarded_for_is_believed_only_from_configured_proxies(
     ]
     # Unset (the default): a client's own X-Forwarded-For changes nothing.
     assert statuses == ([200, 200] if trusted else [200, 429])
+
+
+async def trickled_body(port: int, key: str | None) -> tuple[float, bytes]:
+    """(seconds until the gateway closes, what it answered) for a body sent a byte at a time."""
+    start = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n" + auth + b"\r\n{"
+    )
+
+    async def dribble() -> None:
+        for _ in range(100):  # one byte every 0.2 s: never done in time
+            await asyncio.sleep(0.2)
+            writer.write(b" ")
+
+    task = asyncio.create_task(dribble())
+    data = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 6):
+            data += chunk
+    except OSError:
+        pass
+    finally:
+        task.cancel()
+        writer.close()
+    return time.monotonic() - start, data
+
+
+async def test_a_trickled_body_is_closed_after_the_body_timeout(gw: Gateway) -> None:
+    timeouts = gw.refusals("body_timeout")
+    with HealthProbe(gw.url) as probe:
+        (unread, answered), (authed, _) = await asyncio.gather(
+            trickled_body(gw.port, None),  # answered 401 at once, the body never read
+            trickled_body(gw.port, KEY),  # the app waits for the body
+        )
+    # GATEWAY_BODY_TIMEOUT_S=1 after the headers.
+    assert answered.startswith(b"HTTP/1.1 401"), answered[:100]
+    assert 0.9 < unread < 2.5, unread
+    assert 0.9 < authed < 2.5, authed
+    assert gw.refusals("body_timeout") == timeouts + 2
+    probe.check()
