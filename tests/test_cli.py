@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 
-from tests.harness import free_port, gateway_env, wait_until_serving
+from tests.harness import free_port, gateway_env
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -38,55 +40,58 @@ def test_invalid_setting_is_named():
     assert r.returncode == 2 and "GATEWAY_ALIASES" in r.stderr and "ghost" in r.stderr
 
 
-def test_starts_and_serves(openai_fake):
-    port = free_port()
-    providers = f'{{"up": {{"kind": "openai-compatible", "base_url": "{openai_fake.base_url}"}}}}'
-    env = gateway_env(GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m")
+@contextlib.contextmanager
+def serving(port: int, *args: str, **env: str) -> Iterator[list[str]]:
+    """``python -m app --port PORT *args`` running; after the block, its stderr in the list."""
+    err: list[str] = []
     with subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port)],
-        env=env,
+        [sys.executable, "-m", "app", "--port", str(port), *args],
+        env=gateway_env(**env),
         cwd=os.getcwd(),
         stderr=subprocess.PIPE,
         text=True,
     ) as proc:
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    r = httpx.post(
-                        f"http://127.0.0.1:{port}/v1/chat/completions",
-                        json={"messages": [{"role": "user", "content": "hi"}]},
-                    )
-                    break
-                except httpx.ConnectError:
-                    assert proc.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.2)
-            assert r.status_code == 200 and r.json()["model"] == "up/m"
+            yield err
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=20)
-    assert "authentication is OFF" in err
+            err.append(proc.communicate(timeout=20)[1])
+
+
+def test_starts_and_serves(openai_fake):
+    port = free_port()
+    providers = f'{{"up": {{"kind": "openai-compatible", "base_url": "{openai_fake.base_url}"}}}}'
+    with serving(port, GATEWAY_PROVIDERS=providers, GATEWAY_DEFAULT_MODEL="up/m") as err:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "hi"}]},
+                )
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["model"] == "up/m"
+    assert "authentication is OFF" in err[0]
 
 
 def test_workers_run_with_the_same_limits():
     """``--workers N``: each worker builds its app (app.server.worker_app) with the limits bound."""
     port = free_port()
-    env = gateway_env(GATEWAY_API_KEYS="cli-test-key", GATEWAY_MAX_HEADER_BYTES="16384")
-    with subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port), "--workers", "2"],
-        env=env,
-        cwd=os.getcwd(),
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        try:
-            wait_until_serving(f"http://127.0.0.1:{port}", proc)
-            for _ in range(4):  # whichever worker takes the connection
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Big": "a" * 20000})
-                assert r.status_code == 431
-                assert r.json()["error"]["code"] == "request_header_fields_too_large"
-        finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=20)
+    url = f"http://127.0.0.1:{port}"
+    limits = {"GATEWAY_API_KEYS": "cli-test-key", "GATEWAY_MAX_HEADER_BYTES": "16384"}
+    with serving(port, "--workers", "2", **limits) as err:
+        for _ in range(300):  # up within 30 s
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        for _ in range(4):  # whichever worker takes the connection
+            r = httpx.get(url + "/healthz", headers={"X-Big": "a" * 20000})
+            assert r.status_code == 431
+            assert r.json()["error"]["code"] == "request_header_fields_too_large"
     # The workers log through the JSON formatter too.
-    assert '"msg":"Application startup complete."' in err.replace(": ", ":")
+    assert '"msg":"Application startup complete."' in err[0].replace(": ", ":")

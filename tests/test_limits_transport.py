@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,18 +215,21 @@ def test_headers_under_the_cap_and_a_big_body_pass(gw: Gateway) -> None:
     assert answer.startswith(b"HTTP/1.1 400 ") and b"missing_model" in answer, answer[:300]
 
 
-async def closed_after(port: int, send: bytes, drip: bool = False) -> float:
-    """Seconds from the connect until the gateway closes the connection."""
+async def closed_after(
+    port: int, send: bytes, drip: Callable[[int], bytes] | None = None
+) -> tuple[float, bytes]:
+    """(seconds from the connect until the gateway closes the connection, what it sent);
+    with ``drip``, ``drip(i)`` is sent every 0.2 s meanwhile (never done in time)."""
     start = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(send)
 
-    async def dribble() -> None:
-        for i in range(100):  # one header byte every 0.2 s: never done in time
+    async def dribble(piece: Callable[[int], bytes]) -> None:
+        for i in range(100):
             await asyncio.sleep(0.2)
-            writer.write(b"X-Slow-%d: v\r\n" % i if i % 2 else b"X")
+            writer.write(piece(i))
 
-    task = asyncio.create_task(dribble()) if drip else None
+    task = asyncio.create_task(dribble(drip)) if drip is not None else None
     data = b""
     try:
         while chunk := await asyncio.wait_for(reader.read(65536), 6):
@@ -237,15 +240,20 @@ async def closed_after(port: int, send: bytes, drip: bool = False) -> float:
         if task is not None:
             task.cancel()
         writer.close()
-    return time.monotonic() - start
+    return time.monotonic() - start, data
+
+
+def _header_piece(i: int) -> bytes:
+    return b"X-Slow-%d: v\r\n" % i if i % 2 else b"X"
 
 
 async def test_slow_headers_silence_and_idle_keep_alive_are_closed(gw: Gateway) -> None:
     timeouts = gw.refusals("header_timeout")
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with HealthProbe(gw.url) as probe:
-        slow, silent, idle = await asyncio.gather(
-            closed_after(gw.port, b"GET /healthz HTTP/1.1\r\n", drip=True),
+        (slow, _), (silent, _), (idle, _) = await asyncio.gather(
+            # One header byte at a time: the headers are never done in time.
+            closed_after(gw.port, b"GET /healthz HTTP/1.1\r\n", _header_piece),
             closed_after(gw.port, b""),
             closed_after(gw.port, request),  # answered, then left idle
         )
@@ -349,31 +357,13 @@ def test_x_forwarded_for_is_believed_only_from_configured_proxies(
 
 
 async def trickled_body(port: int, key: str | None) -> tuple[float, bytes]:
-    """(seconds until the gateway closes, what it answered) for a body sent a byte at a time."""
-    start = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    """``closed_after`` for a declared body sent a byte at a time."""
     auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
-    writer.write(
+    head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Length: 100000\r\n" + auth + b"\r\n{"
     )
-
-    async def dribble() -> None:
-        for _ in range(100):  # one byte every 0.2 s: never done in time
-            await asyncio.sleep(0.2)
-            writer.write(b" ")
-
-    task = asyncio.create_task(dribble())
-    data = b""
-    try:
-        while chunk := await asyncio.wait_for(reader.read(65536), 6):
-            data += chunk
-    except OSError:
-        pass
-    finally:
-        task.cancel()
-        writer.close()
-    return time.monotonic() - start, data
+    return await closed_after(port, head, lambda _: b" ")
 
 
 async def test_a_trickled_body_is_closed_after_the_body_timeout(gw: Gateway) -> None:

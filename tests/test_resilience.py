@@ -358,6 +358,11 @@ def circuits(gw):
     return httpx.get(gw.url + "/readyz").json()["circuits"]
 
 
+def openai_only(make_gateway, openai_fake, **settings):
+    """A gateway on the OpenAI fake alone, its default model PRIMARY."""
+    return make_gateway(openai_fake=openai_fake, default_model=PRIMARY, **settings)
+
+
 def breaker(gw, target):
     """A target's breaker as the server holds it (/readyz lists configured targets only)."""
     found = gw.app.state.gateway.router.circuits.breakers.get(target)
@@ -426,12 +431,8 @@ def test_a_failed_probe_opens_the_circuit_again(make_gateway, openai_fake, anthr
 
 
 def test_every_circuit_open_fails_fast_with_503(make_gateway, openai_fake):
-    gw = make_gateway(
-        openai_fake=openai_fake,
-        default_model=PRIMARY,
-        max_retries=0,
-        circuit_failure_threshold=1,
-        circuit_cooldown_s=30,
+    gw = openai_only(
+        make_gateway, openai_fake, max_retries=0, circuit_failure_threshold=1, circuit_cooldown_s=30
     )
     openai_fake.default = DOWN
     assert chat(gw, PRIMARY)[0].status_code == 503
@@ -789,12 +790,8 @@ def test_a_rejected_continuation_is_not_asked_again(make_gateway, openai_fake, a
 
 
 def test_a_failing_model_id_opens_only_its_own_circuit(make_gateway, openai_fake):
-    gw = make_gateway(
-        openai_fake=openai_fake,
-        default_model=PRIMARY,
-        circuit_failure_threshold=3,
-        max_retries=0,
-        retry_backoff_s=0.01,
+    gw = openai_only(
+        make_gateway, openai_fake, circuit_failure_threshold=3, max_retries=0, retry_backoff_s=0.01
     )
     openai_fake.default = DOWN
     for _ in range(5):
@@ -835,7 +832,7 @@ def test_a_failing_model_id_opens_only_its_own_circuit(make_gateway, openai_fake
     ids=["404", "400", "content-policy"],
 )
 def test_refusals_never_count_against_a_circuit(make_gateway, openai_fake, refusal):
-    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY, circuit_failure_threshold=2)
+    gw = openai_only(make_gateway, openai_fake, circuit_failure_threshold=2)
     openai_fake.default = refusal
     for _ in range(4):
         r, _ = chat(gw, "openai/some-model")
@@ -848,7 +845,7 @@ def test_refusals_never_count_against_a_circuit(make_gateway, openai_fake, refus
 
 
 def test_the_circuit_table_stays_bounded(make_gateway, openai_fake):
-    gw = make_gateway(openai_fake=openai_fake, default_model=PRIMARY, circuit_max_targets=16)
+    gw = openai_only(make_gateway, openai_fake, circuit_max_targets=16)
     openai_fake.default = Scenario(fault="status", status=404)
     table = gw.app.state.gateway.router.circuits
     # Thousands of distinct ids (pure bookkeeping, on the server's own loop).
@@ -860,9 +857,9 @@ def test_the_circuit_table_stays_bounded(make_gateway, openai_fake):
 
 
 def test_new_model_ids_never_evict_an_open_circuit(make_gateway, openai_fake):
-    gw = make_gateway(
-        openai_fake=openai_fake,
-        default_model=PRIMARY,
+    gw = openai_only(
+        make_gateway,
+        openai_fake,
         circuit_max_targets=16,
         circuit_failure_threshold=2,
         max_retries=0,
