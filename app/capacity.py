@@ -26,7 +26,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from app.errors import GatewayError, Overloaded, RateLimited
-from app.limits import Slot
+from app.ratelimit import Slot
 
 if TYPE_CHECKING:
     from app.metrics import Metrics

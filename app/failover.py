@@ -40,9 +40,10 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from app.circuit import Breaker
+from app.config import Settings
 from app.errors import (
     GatewayError,
     Overloaded,
@@ -51,20 +52,25 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
-from app.events import AttemptRecord, ChatEvent
-from app.providers.base import ChatRequest
-
-if TYPE_CHECKING:
-    from app.routing import Route, Router, Target
+from app.events import AttemptRecord, End, ProviderEvent
+from app.requests import ChatRequest
+from app.routing import Route, Target
+from app.upstreams import Timeouts, Upstreams
 
 log = logging.getLogger("app.failover")
 
 
-@dataclass(slots=True, frozen=True)
-class Limits:
-    first_token_s: float
-    idle_s: float
-    total_s: float
+class Observer(Protocol):
+    """What failover and the relay report as they go (metrics, the stream log line);
+    handed down by the dispatcher, so that neither reaches up for it."""
+
+    def attempt(self, target: Target) -> None: ...
+
+    def retry(self, target: Target) -> None: ...
+
+    def fallback(self, source: Target, target: Target) -> None: ...
+
+    def ended(self, end: End, request: ChatRequest, target: Target | None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -72,10 +78,10 @@ class Opened:
     """An attempt whose upstream accepted the request."""
 
     target: Target
-    stream: AsyncIterator[list[ChatEvent]]
-    first: list[ChatEvent]
+    stream: AsyncIterator[list[ProviderEvent]]
+    first: list[ProviderEvent]
     started: float  # loop time the attempt began
-    limits: Limits
+    timeouts: Timeouts
     record: AttemptRecord
     breaker: Breaker
     probe: bool  # it holds its half-open circuit's one probe slot
@@ -147,19 +153,28 @@ class Failover:
         "_retries",
         "errors",
         "loop",
+        "observer",
         "records",
         "request",
         "route",
-        "router",
         "settings",
         "start",
+        "upstreams",
     )
 
-    def __init__(self, router: Router, route: Route, request: ChatRequest) -> None:
-        self.router = router
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        route: Route,
+        request: ChatRequest,
+        observer: Observer,
+        settings: Settings,
+    ) -> None:
+        self.upstreams = upstreams
         self.route = route
         self.request = request
-        self.settings = router.settings
+        self.observer = observer
+        self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.start = self.loop.time()
         self.records: list[AttemptRecord] = []
@@ -214,7 +229,7 @@ class Failover:
                 delay = self._retry_delay(failure, current)
                 if delay is not None:
                     self._retries += 1
-                    self.router.metrics.retries.labels(self.router.metric_key(current)).inc()
+                    self.observer.retry(current)
                     return current, delay, False
             elif isinstance(failure, UpstreamStatus) and failure.reason is not None:
                 self._reroute(failure)
@@ -228,7 +243,7 @@ class Failover:
             return None  # a silent upstream is not asked again
         if self._retries >= self.settings.max_retries:
             return None
-        if self.router.breaker(current).state != "closed":
+        if self.upstreams.breaker(current).state != "closed":
             return None  # this failure opened it (or it was the probe): do not hammer
         s = self.settings
         if failure.retry_after is not None:
@@ -237,7 +252,7 @@ class Failover:
             delay = failure.retry_after
         else:
             delay = backoff(self._retries + 1, s.retry_backoff_s, s.retry_backoff_max_s)
-        if self.loop.time() + delay >= self.start + self.router.limits(current).total_s:
+        if self.loop.time() + delay >= self.start + self.upstreams.timeouts(current).total_s:
             return None
         return delay
 
@@ -257,29 +272,26 @@ class Failover:
 
     def _admit(self, target: Target) -> bool | None:
         """None: its circuit is open (recorded as skipped); else whether it is the probe."""
-        admission = self.router.breaker(target).admit()
+        admission = self.upstreams.breaker(target).admit()
         if admission == "no":
             self.records.append(AttemptRecord(target.name, "skipped", code="circuit_open"))
             return None
         return admission == "probe"
 
     def _next_target(self) -> tuple[Target, float, bool]:
-        router = self.router
         while self._queue:
             target = self._queue.pop(0)
             probe = self._admit(target)
             if probe is None:
                 continue
             if self._current is not None:
-                router.metrics.fallbacks.labels(
-                    router.metric_key(self._current), router.metric_key(target)
-                ).inc()
+                self.observer.fallback(self._current, target)
             self._current = target
             self._retries = 0
             return target, 0.0, probe
         if self.errors:
             raise self._final()
-        wait = min(router.breaker(t).retry_in() for t in self.route.targets)
+        wait = min(self.upstreams.breaker(t).retry_in() for t in self.route.targets)
         raise Overloaded(
             "every target of this model is failing (circuit open); retry later",
             code="circuit_open",
@@ -287,20 +299,20 @@ class Failover:
         )
 
     async def _open(self, target: Target, request: ChatRequest, probe: bool) -> Opened:
-        router = self.router
-        limits = router.limits(target)
-        breaker = router.breaker(target)
+        upstreams = self.upstreams
+        timeouts = upstreams.timeouts(target)
+        breaker = upstreams.breaker(target)
         record = AttemptRecord(target.name)
         self.records.append(record)
-        router.metrics.attempts.labels(router.metric_key(target)).inc()
+        self.observer.attempt(target)
         started = self.loop.time()
         # The provider reads the request when the stream starts (below), so one
         # request object serves every attempt in turn.
         request.model = target.model
-        stream = router.providers[target.provider].stream(request)
-        opened = Opened(target, stream, [], started, limits, record, breaker, probe)
-        total_at = self.start + limits.total_s
-        first_at = started + limits.first_token_s
+        stream = upstreams.provider(target).stream(request)
+        opened = Opened(target, stream, [], started, timeouts, record, breaker, probe)
+        total_at = self.start + timeouts.total_s
+        first_at = started + timeouts.first_token_s
         try:
             async with asyncio.timeout_at(min(first_at, total_at)):
                 opened.first = await anext(stream)
@@ -347,10 +359,10 @@ class Failover:
         if max_tokens is not None:
             max_tokens -= output_so_far  # > 0: the relay checked
         request = replace(self.request, messages=messages, max_tokens=max_tokens, continuation=True)
-        router = self.router
+        upstreams = self.upstreams
         while self._queue:
             target = self._queue.pop(0)
-            if not router.accepts_continuation(self.route, target):
+            if not upstreams.accepts_continuation(self.route, target):
                 continue
             probe = self._admit(target)
             if probe is None:
@@ -360,7 +372,7 @@ class Failover:
             except GatewayError as exc:
                 if _rejects_prefill(exc):
                     # Not asked again: the next broken answer goes elsewhere at once.
-                    router.breaker(target).rejects_continuation = True
+                    upstreams.breaker(target).rejects_continuation = True
                     log.info("target %s rejected a continuation; not asked again", target.name)
                 continue
             self._current = target
@@ -391,7 +403,7 @@ class Failover:
                 breaker.release(opened.probe)
 
 
-async def close_stream(stream: AsyncIterator[list[ChatEvent]]) -> None:
+async def close_stream(stream: AsyncIterator[list[ProviderEvent]]) -> None:
     """Close a provider stream (releases its upstream connection)."""
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:

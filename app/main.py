@@ -1,4 +1,4 @@
-"""``create_app()``: providers and router, routes, error handlers, middleware.
+"""``create_app()``: the parts of the gateway put together, routes, error handlers, middleware.
 
 ``app.main:create_app`` is the ASGI factory (``uvicorn --factory``); ``app``
 below is a lazy module attribute so that ``app.main:app`` works for any ASGI
@@ -20,18 +20,25 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from app.api import chat, fanout, health, openai, page, ws
+from app.api import chat, fanout, health, messages, openai, page, ws
+from app.api import responses
 from app.api import streams as streams_api
 from app.api.deps import GatewayState, describe
+from app.capacity import Capacity
 from app.config import Settings, load_settings
-from app.errors import GatewayError, InvalidRequest
+from app.dispatch import Dispatch
+from app.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from app.guard import Guard, SecurityHeaders
-from app.limits import make_rate_limits
+from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.providers import build_provider
-from app.routing import Router
+from app.providers.base import Provider
+from app.ratelimit import make_rate_limits
+from app.routing import Router, Target
 from app.shutdown import Drain
 from app.streams import make_streams
+from app.upstreams import Upstreams
+from app.wire.simple import SimpleLog
 
 log = logging.getLogger("app")
 
@@ -52,14 +59,20 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, a method the path lacks) in the gateway's shape."""
     assert isinstance(exc, HTTPException)
-    kinds = {404: "not_found_error", 405: "invalid_request_error"}
-    err = GatewayError(str(exc.detail))
-    body = err.body()
-    body["error"]["type"] = kinds.get(exc.status_code, "invalid_request_error")
-    from app.wire.sse import dumps
-
-    return _json(exc.status_code, dumps(body), dict(exc.headers or {}))
+    err: GatewayError
+    if exc.status_code == 404:
+        err = NotFound(f"no route {request.url.path}", code="route_not_found")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+        )
+    else:
+        err = InvalidRequest(str(exc.detail))
+    response = await _gateway_error(request, err)
+    response.headers.update(exc.headers or {})  # Allow, on a 405
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -74,43 +87,52 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     configs = settings.provider_configs()
-    providers: dict[str, Any] = {}
+    providers: dict[str, Provider] = {}
     for name, cfg in configs.items():
         provider = build_provider(name, cfg, settings)
         if provider is not None:
             providers[name] = provider
-    router = Router(settings, providers, configs)
+    router = Router(settings, configs, providers)
+    upstreams = Upstreams(settings, providers, configs)
     keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
     redis_client = None
     if settings.redis_url:
-        from app.streams.redis_store import connect
+        from app.sharedstate import connect
 
         redis_client = connect(settings.redis_url)
-    streams = make_streams(settings, redis_client)
-    router.metrics.gauge(
+    capacity = Capacity(
+        settings.max_open_streams, settings.max_readers_per_stream, settings.max_readers_per_client
+    )
+    streams = make_streams(settings, redis_client, SimpleLog(), capacity)
+    metrics = Metrics(upstreams.circuits)
+    metrics.label_circuits(lambda name: router.metric_key(Target(*name.split("/", 1))))
+    dispatch = Dispatch(
+        settings, router, upstreams, make_rate_limits(settings, redis_client), capacity, metrics
+    )
+    metrics.gauge(
         "gateway_resumable_streams",
         "resumable streams this instance runs (readers attached or not)",
         lambda: len(streams.runs),
     )
-    streams.capacity.export(router.metrics)  # open streams and readers, when scraped
-    drain = Drain(router, settings.shutdown_grace_s, streams)
+    capacity.export(metrics)  # open streams and readers, when scraped
+    drain = Drain(dispatch, settings.shutdown_grace_s, streams)
     # Readers of streams that run on other instances: clients reconnect elsewhere.
     drain.before_exit.append(lambda: setattr(streams.store, "closing", True))
     state = GatewayState(
         settings=settings,
         router=router,
+        upstreams=upstreams,
+        dispatch=dispatch,
+        metrics=metrics,
         client_keys=keys,
         drain=drain,
         streams=streams,
-        limits=make_rate_limits(settings, redis_client),
         redis=redis_client,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starting = [
-            asyncio.create_task(p.start()) for p in providers.values() if hasattr(p, "start")
-        ]
+        starting = [asyncio.create_task(p.start()) for p in providers.values()]
         drain.install()
         streams.start_listening()
         try:
@@ -134,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = state
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
+    app.include_router(messages.router)
     app.include_router(chat.router)
     app.include_router(streams_api.router)
     app.include_router(fanout.router)
@@ -148,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added before CORS, so it runs inside it: a preflight from a configured
     # origin is answered before these checks, and refusals carry CORS headers
     # for the origins allowed to read them.
-    app.add_middleware(Guard, settings=settings, refused=router.metrics.refused)
+    app.add_middleware(Guard, settings=settings, refused=metrics.refused)
     if settings.cors_origins:
         origins = settings.cors_origins
         app.add_middleware(

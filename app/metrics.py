@@ -30,17 +30,13 @@ _DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 900)
 
 
 class _LiveCollector(Collector):
-    def __init__(self, circuits: Circuits, active: Callable[[], int]) -> None:
+    def __init__(self, circuits: Circuits) -> None:
         self._circuits = circuits
-        self._active = active
         self.gauges: list[tuple[str, str, Callable[[], int]]] = []
         # A target's label: itself when configured, else ``provider/*`` (set by the router).
         self.label: Callable[[str], str] = lambda target: target
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "gateway_active_streams", "streams being relayed now", value=float(self._active())
-        )
         for name, doc, read in self.gauges:
             yield GaugeMetricFamily(name, doc, value=float(read()))
         state = GaugeMetricFamily(
@@ -73,7 +69,7 @@ class _LiveCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, circuits: Circuits, active: Callable[[], int]) -> None:
+    def __init__(self, circuits: Circuits) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "gateway_http_requests",
@@ -142,7 +138,7 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
-        self._live = _LiveCollector(circuits, active)
+        self._live = _LiveCollector(circuits)
         self.registry.register(self._live)
 
     def label_circuits(self, label: Callable[[str], str]) -> None:

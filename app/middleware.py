@@ -125,7 +125,7 @@ class RequestContext:
 def _count(scope: Scope, route: str, status: int | None) -> None:
     gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
     if gateway is not None:
-        gateway.router.metrics.http_requests.labels(route, str(status or 0)).inc()
+        gateway.metrics.http_requests.labels(route, str(status or 0)).inc()
 
 
 def _too_large_message(limit: int) -> str:

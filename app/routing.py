@@ -1,25 +1,19 @@
-"""Model names -> routes, and opening a generation on them.
+"""Model names -> routes: pure naming, no I/O and no state but a cache.
 
 A request names ``provider/model-id`` or an alias. ``Router.resolve`` turns
 the name into a ``Route``: the ordered targets (primary first), the alias's
 fallbacks by error class, and whether a broken answer may be continued
-elsewhere. ``Router.open`` starts a ``Generation`` on it; which attempt comes
-after which failure is ``app.failover``'s, and each target's health is a
-circuit breaker in ``app.circuit``.
+elsewhere. Calling the targets is ``app.failover``'s (over
+``app.upstreams``); a name that names nothing is a 404 listing what exists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
-from app.circuit import Breaker, Circuits
 from app.config import ProviderConfig, Settings, SettingsError
-from app.errors import InvalidRequest, NotFound, ShuttingDown
-from app.failover import Failover, Limits
-from app.metrics import Metrics
-from app.providers.base import ChatRequest, Provider
-from app.relay import Generation
+from app.errors import InvalidRequest, NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,29 +40,19 @@ class Route:
 
 
 class Router:
+    """``available``: the providers that were built (an optional extra may be missing)."""
+
     def __init__(
         self,
         settings: Settings,
-        providers: dict[str, Provider],
         configs: dict[str, ProviderConfig],
+        available: Collection[str],
     ) -> None:
         self.settings = settings
-        self.providers = providers
         self.configs = configs
-        self._limits = {name: self._make_limits(cfg) for name, cfg in configs.items()}
+        self.providers = frozenset(available)
         self.default_model = settings.default_model or self._implicit_default()
-        self.circuits = Circuits(
-            settings.circuit_failure_threshold,
-            settings.circuit_cooldown_s,
-            max_targets=settings.circuit_max_targets,
-        )
         self._routes: dict[str, Route] = {}
-        # Running generations (for shutdown and the active-streams gauge), and
-        # whether the server is draining (no new ones).
-        self.active: set[Generation] = set()
-        self.draining = False
-        self.metrics = Metrics(self.circuits, self.active.__len__)
-        self.metrics.label_circuits(lambda name: self.metric_key(Target(*name.split("/", 1))))
         self._configured = {
             t
             for alias in settings.aliases.values()
@@ -82,60 +66,16 @@ class Router:
             self._configured.add(self.default_model)
         self._check_config()
 
-    def limits(self, target: Target) -> Limits:
-        return self._limits[target.provider]
-
     def metric_key(self, target: Target) -> str:
         """A target's metric label: itself when configured, else ``provider/*``.
 
         A provider open to any model id would otherwise let clients grow the
         label sets without bound. Health is never shared this way: each target
-        has its own breaker (``breaker``).
+        has its own breaker (``app.upstreams``).
         """
         if self.configs[target.provider].models or target.name in self._configured:
             return target.name
         return f"{target.provider}/*"
-
-    def breaker(self, target: Target) -> Breaker:
-        return self.circuits.get(target.name)
-
-    def circuit_summary(self) -> dict[str, dict[str, Any]]:
-        """Circuits for ``/readyz``: configured targets each, client-chosen ids counted by
-        state under ``provider/*`` (never listed: they are other clients' business)."""
-        out: dict[str, dict[str, Any]] = {}
-        for name, breaker in sorted(self.circuits.breakers.items()):
-            key = self.metric_key(Target(*name.split("/", 1)))
-            if key == name:
-                out[name] = breaker.snapshot()
-            else:
-                counts = out.setdefault(key, {"open": 0, "half_open": 0, "closed": 0})
-                counts[breaker.state] += 1
-        return out
-
-    def accepts_continuation(self, route: Route, target: Target) -> bool:
-        """May ``target`` be asked to continue a broken answer on ``route``?
-
-        The alias's per-target setting, else the provider's per-model one,
-        else the provider's default; never a target that rejected one before.
-        """
-        for name, allowed in route.continuation:
-            if name == target.name:
-                if not allowed:
-                    return False
-                break
-        else:
-            cfg = self.configs[target.provider]
-            if not cfg.continuation.get(target.model, cfg.accepts_continuation):
-                return False
-        return not self.breaker(target).rejects_continuation
-
-    def _make_limits(self, cfg: ProviderConfig) -> Limits:
-        s = self.settings
-        return Limits(
-            first_token_s=cfg.first_token_timeout_s or s.first_token_timeout_s,
-            idle_s=cfg.idle_timeout_s or s.idle_timeout_s,
-            total_s=cfg.total_timeout_s or s.total_timeout_s,
-        )
 
     def _implicit_default(self) -> str | None:
         local = self.configs.get("local")
@@ -227,19 +167,3 @@ class Router:
         if alias is not None or self.configs[route.targets[0].provider].models:
             self._routes[name] = route
         return route
-
-    def refuse_if_draining(self) -> None:
-        if self.draining:
-            raise ShuttingDown(
-                "the server is shutting down; retry on another instance",
-                code="shutting_down",
-                retry_after=1,
-            )
-
-    async def open(self, route: Route, request: ChatRequest) -> Generation:
-        """A generation on the first target that accepts it (retries and fallbacks included)."""
-        self.refuse_if_draining()
-        gen = Generation(Failover(self, route, request))
-        await gen.open()
-        self.active.add(gen)
-        return gen

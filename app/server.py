@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -185,13 +184,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         limit = self.limits.max_header_bytes
-        body = orjson.dumps(
-            InvalidRequest(
-                f"the request line and headers are larger than {limit} bytes "
-                "(GATEWAY_MAX_HEADER_BYTES)",
-                code="request_header_fields_too_large",
-            ).body()
-        )
+        body = InvalidRequest(
+            f"the request line and headers are larger than {limit} bytes "
+            "(GATEWAY_MAX_HEADER_BYTES)",
+            code="request_header_fields_too_large",
+        ).json_bytes()
         status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
         head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
         for name, value in self.server_state.default_headers:
@@ -244,7 +241,7 @@ def protocols(limits: TransportLimits) -> dict[str, Any]:
 
 def refusal_counter(app: Any) -> Callable[[str], None]:
     """Counts a refusal in the app's ``gateway_limit_refusals_total{limit=...}``."""
-    refused = app.state.gateway.router.metrics.refused
+    refused = app.state.gateway.metrics.refused
 
     def count(limit: str) -> None:
         refused.labels(limit).inc()

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from app.dispatch import Dispatch
 from app.errors import ShuttingDown
-from app.routing import Router
 from app.streams import Streams
 
 log = logging.getLogger("app.shutdown")
@@ -38,8 +38,8 @@ _FLUSH_S = 5.0
 
 
 class Drain:
-    def __init__(self, router: Router, grace_s: float, streams: Streams | None = None) -> None:
-        self.router = router
+    def __init__(self, dispatch: Dispatch, grace_s: float, streams: Streams | None = None) -> None:
+        self.dispatch = dispatch
         self.streams = streams
         self.grace_s = grace_s
         self.task: asyncio.Task[None] | None = None
@@ -76,17 +76,17 @@ class Drain:
 
     def begin(self, then: Callable[[], None] | None = None) -> None:
         if self.task is None:
-            self.router.draining = True
+            self.dispatch.draining = True
             self.task = asyncio.get_running_loop().create_task(self._run(then))
 
     async def _run(self, then: Callable[[], None] | None) -> None:
-        router = self.router
+        dispatch = self.dispatch
         loop = asyncio.get_running_loop()
         streams = self.streams
 
         def running() -> int:
-            # Resumable streams still opening are not in router.active yet.
-            return len(router.active) + (len(streams.runs) if streams is not None else 0)
+            # Resumable streams still opening are not in dispatch.active yet.
+            return len(dispatch.active) + (len(streams.runs) if streams is not None else 0)
 
         log.info("shutdown: draining %d streams for up to %.0f s", running(), self.grace_s)
         deadline = loop.time() + self.grace_s
@@ -98,7 +98,7 @@ class Drain:
             reason = ShuttingDown(
                 "the server is shutting down; the answer was cut short", code="shutting_down"
             )
-            for gen in list(router.active):
+            for gen in list(dispatch.active):
                 gen.stop(reason)
             if streams is not None:
                 streams.stop_all(reason)

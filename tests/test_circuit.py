@@ -9,9 +9,10 @@ import pytest
 
 from app.circuit import Breaker
 from app.errors import UpstreamStatus, UpstreamTimeout
-from app.failover import Limits, backoff, counts_against, most_meaningful
+from app.failover import backoff, counts_against, most_meaningful
 from app.providers.errors import map_status, reject_reason
-from app.relay import Watchdog
+from app.relay.watchdog import Watchdog
+from app.upstreams import Timeouts
 
 
 class Clock:
@@ -118,14 +119,14 @@ def test_a_context_rejection_gets_the_uniform_code():
 async def test_a_deadline_and_a_client_cancel_together_still_cancel():
     """The watchdog undoes only its own cancel(), once; someone else's stands."""
     loop = asyncio.get_running_loop()
-    wd = Watchdog(Limits(first_token_s=0.01, idle_s=1, total_s=5), loop.time(), loop.time())
+    wd = Watchdog(Timeouts(first_token_s=0.01, idle_s=1, total_s=5), loop.time(), loop.time())
     task = asyncio.current_task()
     assert task is not None
     with pytest.raises(asyncio.CancelledError):
         await asyncio.sleep(1)  # the first-token deadline cancels us
     assert wd.take_expiry() == "first_token" and task.cancelling() == 0
 
-    wd.arm(Limits(first_token_s=0.01, idle_s=1, total_s=5), loop.time())
+    wd.arm(Timeouts(first_token_s=0.01, idle_s=1, total_s=5), loop.time())
     loop.call_at(wd._handle.when(), task.cancel)  # the client leaves at the same moment
     with pytest.raises(asyncio.CancelledError):
         await asyncio.sleep(1)

@@ -16,8 +16,7 @@ import pytest
 
 from app.config import LOCAL_MODEL_ID, LOCAL_MODEL_IDS, Settings
 from app.errors import InvalidRequest, Overloaded, UpstreamUnavailable
-from app.events import ChatEvent, Finish, Start, TextDelta, Usage
-from app.providers.base import ChatRequest
+from app.events import Finish, ProviderEvent, Start, TextDelta, Usage
 from app.providers.local import (
     MODELS,
     LocalProvider,
@@ -28,6 +27,7 @@ from app.providers.local import (
     render_template,
     split_at_stop,
 )
+from app.requests import ChatRequest
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # An answer that runs on for a few hundred tokens, for the cancellation tests.
@@ -63,11 +63,11 @@ def settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
 
 
-def text_of(batches: list[list[ChatEvent]]) -> str:
+def text_of(batches: list[list[ProviderEvent]]) -> str:
     return "".join(e.text for b in batches for e in b if isinstance(e, TextDelta))
 
 
-async def collect(stream: AsyncIterator[list[ChatEvent]]) -> list[list[ChatEvent]]:
+async def collect(stream: AsyncIterator[list[ProviderEvent]]) -> list[list[ProviderEvent]]:
     return [batch async for batch in stream]
 
 
@@ -191,7 +191,7 @@ async def test_start_is_idempotent_and_concurrent() -> None:
 async def test_stream_shape_and_tokens_arrive_as_generated(provider: LocalProvider) -> None:
     before = provider.tokens_generated
     stream = provider.stream(request(max_tokens=16))
-    batches: list[list[ChatEvent]] = []
+    batches: list[list[ProviderEvent]] = []
     counts: list[int] = []
     async for batch in stream:
         batches.append(batch)
@@ -343,7 +343,7 @@ async def test_waiting_request_starts_at_once_and_runs_after(provider: LocalProv
 
     order: list[str] = []
 
-    async def drain(name: str, stream: AsyncIterator[list[ChatEvent]]) -> None:
+    async def drain(name: str, stream: AsyncIterator[list[ProviderEvent]]) -> None:
         async for batch in stream:
             for event in batch:
                 order.append(f"{name}:{event.type}")

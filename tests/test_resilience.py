@@ -365,7 +365,7 @@ def openai_only(make_gateway, openai_fake, **settings):
 
 def breaker(gw, target):
     """A target's breaker as the server holds it (/readyz lists configured targets only)."""
-    found = gw.app.state.gateway.router.circuits.breakers.get(target)
+    found = gw.app.state.gateway.upstreams.circuits.breakers.get(target)
     return None if found is None else found.snapshot()
 
 
@@ -847,7 +847,7 @@ def test_refusals_never_count_against_a_circuit(make_gateway, openai_fake, refus
 def test_the_circuit_table_stays_bounded(make_gateway, openai_fake):
     gw = openai_only(make_gateway, openai_fake, circuit_max_targets=16)
     openai_fake.default = Scenario(fault="status", status=404)
-    table = gw.app.state.gateway.router.circuits
+    table = gw.app.state.gateway.upstreams.circuits
     # Thousands of distinct ids (pure bookkeeping, on the server's own loop).
     gw.call(lambda: [table.get(f"openai/made-up-{i}") for i in range(3000)])
     for i in range(5):

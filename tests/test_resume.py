@@ -7,9 +7,11 @@ how many generations the fake upstream saw.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -52,6 +54,32 @@ def start(gw, **body: Any) -> tuple[str, str]:
     return data["id"], gw.url + data["events_url"]
 
 
+def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it holds (a deadline, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)
+
+
+def on_loop(gw: Any, coro: Any) -> Any:
+    """Run ``coro`` on the gateway's event loop (where its store lives) and return its result."""
+    return asyncio.run_coroutine_threadsafe(coro, gw.server.loop).result(5)
+
+
+def logged(gw: Any, sid: str) -> int:
+    """The number of the stream's last logged event, as its store says."""
+    meta = on_loop(gw, gw.app.state.gateway.streams.store.meta(sid))
+    assert meta is not None
+    last: int = meta.last
+    return last
+
+
+def number(event_id: str | None) -> int:
+    assert event_id is not None
+    return int(event_id.rpartition(":")[2])
+
+
 def check_whole(sid: str, events: list[ServerSentEvent], *, text: str) -> dict[str, Any]:
     """One whole stream: ids sid:0.. with no gap or repeat, start, the text, one end, [DONE]."""
     assert [e.id for e in events] == [f"{sid}:{n}" for n in range(len(events))]
@@ -67,7 +95,8 @@ def test_disconnect_and_resume_gets_the_rest_once(gw, openai_fake):
     sid, url = start(gw)
     first = read(url, content=5)
     assert first[0].event == "start" and len(first) == 6
-    time.sleep(0.3)  # the generation runs on without a reader
+    # The generation runs on without a reader.
+    wait_for(lambda: logged(gw, sid) >= number(first[-1].id) + 5)
     rest = read(url, last=first[-1].id)
     end = check_whole(sid, first + rest, text="".join(CHUNKS))
     assert end["finish_reason"] == "stop"
@@ -229,11 +258,13 @@ def test_grace_expiry_cancels_and_releases_the_upstream(make_gateway, openai_fak
 
 
 def test_a_reconnect_within_the_grace_keeps_it_running(make_gateway, openai_fake, store):
-    openai_fake.default = DRIP
-    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=1.0, **store)
+    openai_fake.default = DRIP  # 1.2 s
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=0.5, **store)
     sid, url = start(gw)
     a = read(url, content=2)
-    time.sleep(0.5)
+    # The grace is running, and the generation with it, while no reader is there.
+    wait_for(lambda: gw.app.state.gateway.streams.runs[sid].keeper is not None)
+    wait_for(lambda: logged(gw, sid) >= number(a[-1].id) + 5)
     b = read(url, last=a[-1].id)  # reads to the end, well past the grace
     end = check_whole(sid, a + b, text="".join(CHUNKS))
     assert end["finish_reason"] == "stop"
@@ -327,8 +358,9 @@ def test_a_reconnect_before_the_first_token_resumes_the_same_generation(gw, open
     assert len(openai_fake.attempts) == 1
 
 
-def _flaky(gw, method: str, fail_on: set[int]) -> None:
-    """Make the store's ``method`` raise StoreUnavailable on those calls (Redis stays up)."""
+def _flaky(gw, method: str, fail_on: set[int]) -> dict[str, int]:
+    """Make the store's ``method`` raise StoreUnavailable on those calls (Redis stays up);
+    ``["n"]`` counts the calls."""
     store = gw.app.state.gateway.streams.store
     real = getattr(store, method)
     calls = {"n": 0}
@@ -340,6 +372,7 @@ def _flaky(gw, method: str, fail_on: set[int]) -> None:
         return await real(*args)
 
     gw.call(lambda: setattr(store, method, flaky))
+    return calls
 
 
 def test_a_failed_append_ends_the_stream_for_every_reader(make_gateway, openai_fake, store):
@@ -424,8 +457,9 @@ def test_redis_losing_the_stream_answers_404(make_gateway, openai_fake, redis_se
     client = redis_py.Redis.from_url(redis_server.url)
     for key in client.scan_iter(prefix + "stream:*"):
         client.delete(key)  # what a Redis restarted without persistence has lost
+    # The owner goes on appending: a log again, with no record of whose it is.
+    wait_for(lambda: client.exists(f"{prefix}stream:{sid}:log"))
     client.close()
-    time.sleep(0.2)
     r = httpx.get(url, headers={"Last-Event-ID": first[-1].id})
     assert r.status_code == 404 and r.json()["error"]["code"] == "stream_not_found"
     assert httpx.delete(gw.url + f"/chat/streams/{sid}").status_code == 404
@@ -438,10 +472,10 @@ def test_a_failed_finish_after_done_still_answers_204(make_gateway, openai_fake,
         redis_url=redis_server.url,
         redis_prefix=f"t{secrets.token_hex(4)}:",
     )
-    _flaky(gw, "finish", {1})
+    finishes = _flaky(gw, "finish", {1})
     _sid, url = start(gw)
     events = read(url)
-    time.sleep(0.2)
+    wait_for(lambda: finishes["n"] == 1)  # the owner tried to mark it ended, and failed
     r = httpx.get(url, headers={"Last-Event-ID": events[-1].id})
     assert r.status_code == 204
     again = read(url)
@@ -462,8 +496,7 @@ def test_app_exit_ends_running_streams_as_a_shutdown(make_gateway, openai_fake, 
     settings = {"redis_url": redis_server.url, "redis_prefix": f"t{secrets.token_hex(4)}:"}
     a = make_gateway(openai_fake=openai_fake, default_model=MODEL, **settings)
     sid, _ = start(a)
-    openai_fake.wait_for_attempts(1, timeout=3)
-    time.sleep(0.3)
+    wait_for(lambda: logged(a, sid) >= 3)  # some tokens are in
     a.stop()  # no signal, no drain: the app's own exit
     b = make_gateway(openai_fake=openai_fake, default_model=MODEL, **settings)
     events = read(b.url + f"/chat/streams/{sid}/events")
@@ -487,16 +520,19 @@ class _LostAfter:
         return Meta("c", False, 3)
 
     async def follow(self, sid: str, after: int) -> Any:
-        yield 4, f"id: {sid}:4\n{self.frame}\n\n".encode()
+        yield 4, f"id: {sid}:4\n{self.frame}\n\n".encode(), None
         raise StoreUnavailable("gone", code="store_unavailable")
 
 
 async def _read_after_loss(frame: str) -> tuple[str, list[str]]:
+    from app.capacity import Capacity
     from app.streams import Streams
+    from app.wire.simple import SimpleLog
     from tests.harness import make_settings
 
     sid = "gen_" + "b" * 32
-    streams = Streams(make_settings(), _LostAfter(frame))  # type: ignore[arg-type]
+    store: Any = _LostAfter(frame)
+    streams = Streams(make_settings(), store, SimpleLog(), Capacity(10, 10, 10))
     body = await streams.subscribe(sid, "c", 3)
     assert body is not None
     chunks = [c async for c in body]
@@ -517,7 +553,8 @@ async def test_a_reader_that_loses_the_store_after_the_end_sends_only_done():
 
 
 async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
-    from app.streams.redis_store import RedisStore, connect
+    from app.sharedstate import connect
+    from app.streams.redis_store import RedisStore
 
     client = connect(redis_server.url)
     prefix = f"t{secrets.token_hex(4)}:"
@@ -528,13 +565,14 @@ async def test_an_owner_whose_stream_was_taken_over_stops(redis_server):
     await owner.create(sid, "c")
     await owner.append(sid, 0, frame[:2])
     await owner.append(sid, 1, frame[1:2])  # re-sent after a lost reply: ours, fine
-    await peer._end_abandoned(sid, b"0-2")  # a peer that believed the owner gone
+    # A peer that believed the owner gone ends the log after frame 1.
+    assert await peer.end_orphan(sid, 1, [b"x", b"y"], "error")
     with pytest.raises(StoreUnavailable) as taken:
         await owner.append(sid, 2, frame[2:])
     assert taken.value.code == "stream_taken_over"
     # Marking a stream that Redis no longer has creates no key (it would never expire).
     ghost = "gen_" + "d" * 32
-    await owner.fail(ghost, 0, frame)
+    await owner.fail(ghost, 0, frame, "error")
     await owner.publish_cancel(ghost)
     assert await client.exists(f"{prefix}stream:{ghost}") == 0
     await client.aclose()

@@ -113,5 +113,5 @@ def test_draining_ends_openai_streams_as_an_error_the_sdk_raises(make_gateway, o
                 if seen == 3:
                     gw.call(state.drain.begin)
         assert seen > 3
-    assert state.router.active == set()
+    assert state.dispatch.active == set()
     openai_fake.wait_closed(0, timeout=3)

@@ -23,10 +23,11 @@ from app.api.deps import (
     check_model_names,
     client_id,
     json_body,
-    open_generation,
     require_key,
     require_key_or_token,
+    start_generation,
     validate,
+    while_connected,
 )
 from app.api.schemas import SimpleChatBody
 from app.api.streams import last_event_id, resume
@@ -42,7 +43,8 @@ router = APIRouter()
 async def chat_stream_post(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)
-    gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
+    chat = body.to_request(rid, "/chat/stream")
+    gen = await start_generation(request, state, route, chat, structured=True)
     encoder = SimpleStreamEncoder("gen_" + secrets.token_hex(8))
     return sse_response(
         encoder.stream(gen.events()),
@@ -89,11 +91,18 @@ async def chat_stream_get(request: Request, state: State, rid: RequestId) -> Res
         return await resume(state, rid, sid, client_id(request), n)
     body = _query_body(request)
     route = state.router.resolve(body.model)
-    state.router.refuse_if_draining()
-    # The stream's record first: with the store down, no upstream call is made.
-    run = await state.streams.reserve(client_id(request), route.name)
+    client = client_id(request)
+    ticket = await state.dispatch.admit(client)
+    # The stream's record before the upstream: with the store down, none is called.
     try:
-        gen = await open_generation(request, state, route, body.to_request(rid, "/chat/stream"))
+        run = await state.streams.reserve(client, route.name)
+    except BaseException:
+        await ticket.release()
+        raise
+    chat = body.to_request(rid, "/chat/stream")
+    try:
+        opening = state.dispatch.open(route, chat, ticket, structured=True)
+        gen = await while_connected(request, opening)
     except BaseException:
         await state.streams.discard(run)
         raise

@@ -1,4 +1,5 @@
-"""What routes share: the app's state, client-key auth, and body parsing.
+"""What routes share: the app's state, client-key auth, body parsing, and starting a
+generation while the client stays connected (admission itself is ``app.dispatch``'s).
 
 Dependencies are ``async def``: FastAPI runs a plain ``def`` one in a worker
 thread, a thread hop per request for nothing.
@@ -19,13 +20,15 @@ from pydantic import BaseModel, ValidationError
 
 from app.api.bounds import check_depth, check_model, refusal
 from app.config import Settings
-from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest, RateLimited
-from app.limits import RateLimits, Slot
-from app.providers.base import ChatRequest
+from app.dispatch import Dispatch
+from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
+from app.metrics import Metrics
 from app.relay import Generation
+from app.requests import ChatRequest
 from app.routing import Route, Router
 from app.shutdown import Drain
 from app.streams import Streams
+from app.upstreams import Upstreams
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -35,10 +38,12 @@ T = TypeVar("T")
 class GatewayState:
     settings: Settings
     router: Router
+    upstreams: Upstreams
+    dispatch: Dispatch
+    metrics: Metrics
     client_keys: tuple[bytes, ...]
     drain: Drain
     streams: Streams
-    limits: RateLimits
     redis: Any | None  # the shared Redis client, when GATEWAY_REDIS_URL is set
 
 
@@ -88,18 +93,21 @@ def client_id(request: Request) -> str:
     return client
 
 
-def _check(request: Request, *, allow_query: bool) -> None:
+def _check(request: Request, *, allow_query: bool = False, x_api_key: bool = False) -> None:
     keys = request.app.state.gateway.client_keys
     if not keys:
         request.scope["state"]["client"] = client_of(None, request.client and request.client.host)
         return
     token = _bearer(request)
+    if token is None and x_api_key:
+        token = request.headers.get("x-api-key")  # Anthropic's SDKs send the key so
     if token is None and allow_query:
         # EventSource cannot send headers (API.md, Running and configuring).
         token = request.query_params.get("access_token")
     if not key_matches(keys, token):
         raise AuthenticationFailed(
             "missing or invalid API key: send 'Authorization: Bearer <key>'"
+            + (" or 'x-api-key: <key>'" if x_api_key else "")
             + (" or ?access_token=<key>" if allow_query else ""),
             code="invalid_api_key",
         )
@@ -107,11 +115,16 @@ def _check(request: Request, *, allow_query: bool) -> None:
 
 
 async def require_key(request: Request) -> None:
-    _check(request, allow_query=False)
+    _check(request)
 
 
 async def require_key_or_token(request: Request) -> None:
     _check(request, allow_query=True)
+
+
+async def require_key_or_x_api_key(request: Request) -> None:
+    """Bearer, or Anthropic's ``x-api-key`` header (``POST /v1/messages``)."""
+    _check(request, x_api_key=True)
 
 
 _TAGS = frozenset({"str", "int", "float", "bool", "TextPart", "ImagePart"})
@@ -144,7 +157,7 @@ def validate(model: type[M], data: Any) -> M:
 
 def refused(request: Request, limit: str) -> None:
     """Count a refusal by a safety limit (gateway_limit_refusals_total)."""
-    request.app.state.gateway.router.metrics.refused.labels(limit).inc()
+    request.app.state.gateway.metrics.refused.labels(limit).inc()
 
 
 def check_bounds(request: Request, data: dict[str, Any]) -> None:
@@ -227,34 +240,14 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-async def admit(state: GatewayState, client: str) -> Slot:
-    """Room in this process for one more stream (503 otherwise), then the client's place
-    under its rate limit and concurrency cap (429 otherwise); released with the slot."""
-    hold = state.streams.capacity.hold()
-    try:
-        slot = await state.limits.admit(client)
-    except BaseException as exc:
-        hold.release()
-        if isinstance(exc, RateLimited):
-            state.router.metrics.rate_limited.labels(exc.code or "").inc()
-        raise
-    return hold.joined(slot)
-
-
-async def opening(router: Router, route: Route, chat: ChatRequest, slot: Slot) -> Generation:
-    """Open a generation that holds ``slot`` until it is over."""
-    try:
-        gen = await router.open(route, chat)
-    except BaseException:
-        await slot.release()
-        raise
-    gen.on_close = slot.release
-    return gen
-
-
-async def open_generation(
-    request: Request, state: GatewayState, route: Route, chat: ChatRequest
+async def start_generation(
+    request: Request,
+    state: GatewayState,
+    route: Route,
+    chat: ChatRequest,
+    *,
+    structured: bool = False,
 ) -> Generation:
-    """Admit the client (rate limit, concurrency cap), then open while it stays connected."""
-    slot = await admit(state, client_id(request))
-    return await while_connected(request, opening(state.router, route, chat, slot))
+    """Admit this request's client and open a generation, abandoned if the client leaves."""
+    opening = state.dispatch.start(client_id(request), route, chat, structured=structured)
+    return await while_connected(request, opening)

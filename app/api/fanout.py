@@ -21,7 +21,6 @@ from fastapi.responses import Response
 from app.api.deps import (
     RequestId,
     State,
-    admit,
     check_model_names,
     client_id,
     json_body,
@@ -29,18 +28,18 @@ from app.api.deps import (
     validate,
 )
 from app.api.schemas import FanoutBody
+from app.dispatch import Dispatch, Ticket
 from app.errors import GatewayError, InvalidRequest
-from app.events import ChatEvent, End, Error, Start
-from app.limits import Slot
-from app.providers.base import ChatRequest
-from app.routing import Route, Router
+from app.events import End, Error, RelayEvent, Start
+from app.requests import ChatRequest
+from app.routing import Route
 from app.wire.fanout import FanoutEncoder
 from app.wire.sse import sse_response
 
 router = APIRouter()
 log = logging.getLogger("app.fanout")
 
-_Item = tuple[int, list[ChatEvent] | None]  # None: that model is over
+_Item = tuple[int, list[RelayEvent] | None]  # None: that model is over
 
 
 @router.post("/chat/fanout", dependencies=[Depends(require_key)])
@@ -61,21 +60,21 @@ async def chat_fanout(request: Request, state: State, rid: RequestId) -> Respons
     def make_request() -> ChatRequest:
         return body.to_request(rid, "/chat/fanout")
 
-    # One request, one slot, whatever the number of models compared.
-    slot = await admit(state, client_id(request))
+    # One request, one ticket, whatever the number of models compared.
+    ticket = await state.dispatch.admit(client_id(request))
     return sse_response(
-        fanout(state.router, routes, make_request, encoder, slot),
+        fanout(state.dispatch, routes, make_request, encoder, ticket),
         request_id=rid,
         ping_interval=state.settings.ping_interval_s,
     )
 
 
 async def fanout(
-    router: Router,
+    dispatch: Dispatch,
     routes: list[Route],
     make_request: Callable[[], ChatRequest],
     encoder: FanoutEncoder,
-    slot: Slot,
+    ticket: Ticket,
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[_Item] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -92,7 +91,7 @@ async def fanout(
         opened = False
         try:
             try:
-                gen = await router.open(route, make_request())
+                gen = await dispatch.open(route, make_request(), structured=True)
             except GatewayError as exc:
                 failed(exc, opened=False)
                 return
@@ -132,4 +131,4 @@ async def fanout(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await slot.release()
+        await ticket.release()

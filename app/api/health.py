@@ -22,11 +22,10 @@ async def healthz() -> Response:
 @router.get("/readyz")
 async def readyz(state: State) -> Response:
     providers = {}
-    for name, provider in state.router.providers.items():
-        ready = getattr(provider, "ready", True)
-        providers[name] = "ready" if ready else "starting"
+    for name, provider in state.upstreams.providers.items():
+        providers[name] = "ready" if provider.ready else "starting"
     ok = bool(providers) and all(v == "ready" for v in providers.values())
-    if state.router.draining:
+    if state.dispatch.draining:
         ok = False  # so that load balancers stop sending new requests here
     redis = None
     if state.redis is not None:
@@ -38,9 +37,9 @@ async def readyz(state: State) -> Response:
     # Open circuits are shown but do not make the instance unready: every
     # replica shares the same upstreams, and fallbacks may still answer.
     body = {
-        "status": "draining" if state.router.draining else "ready" if ok else "not_ready",
+        "status": "draining" if state.dispatch.draining else "ready" if ok else "not_ready",
         "providers": providers,
-        "circuits": state.router.circuit_summary(),
+        "circuits": state.upstreams.circuit_summary(state.router.metric_key),
     }
     if redis is not None:
         body["redis"] = redis
@@ -55,4 +54,4 @@ async def readyz(state: State) -> Response:
 async def metrics(request: Request, state: State) -> Response:
     if state.settings.metrics_require_key:
         await require_key(request)  # 401 without a client key
-    return Response(state.router.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)

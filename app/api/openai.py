@@ -14,12 +14,10 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     RequestId,
     State,
-    admit,
     client_id,
     json_body,
-    open_generation,
-    opening,
     require_key,
+    start_generation,
     validate,
     while_connected,
 )
@@ -37,10 +35,10 @@ async def chat_completions(request: Request, state: State, rid: RequestId) -> Re
     route = state.router.resolve(body.model)
     chat = body.to_request(rid, "/v1/chat/completions")
     if not body.stream:
-        slot = await admit(state, client_id(request))
-        result = await while_connected(request, complete(opening(state.router, route, chat, slot)))
+        opening = state.dispatch.start(client_id(request), route, chat)
+        result = await while_connected(request, complete(opening))
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
-    gen = await open_generation(request, state, route, chat)
+    gen = await start_generation(request, state, route, chat)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     encoder = OpenAIStreamEncoder(model=gen.model, include_usage=include_usage)
     return sse_response(
@@ -63,7 +61,11 @@ async def complete(open_: Awaitable[Generation]) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(state: State) -> Response:
+    """Configured models and aliases, then what each open-ended provider's upstream lists."""
     created = int(time.time())
+    names = state.router.available()
+    for provider, ids in (await state.upstreams.listed_models()).items():
+        names += [f"{provider}/{i}" for i in ids]
     data = [
         {
             "id": name,
@@ -71,6 +73,6 @@ async def list_models(state: State) -> Response:
             "created": created,
             "owned_by": name.partition("/")[0] if "/" in name else "gateway",
         }
-        for name in state.router.available()
+        for name in dict.fromkeys(names)
     ]
     return Response(dumps({"object": "list", "data": data}), media_type="application/json")

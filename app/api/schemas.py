@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.providers.base import ChatRequest
+from app.requests import ChatRequest
 
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_STOP = 4  # OpenAI's own limit
@@ -103,13 +104,35 @@ class _Sampling(_Body):
 # Passed through to OpenAI-kind upstreams as they are.
 _PASSTHROUGH = (
     "seed",
-    "response_format",
     "presence_penalty",
     "frequency_penalty",
     "user",
     "parallel_tool_calls",
     "logit_bias",
 )
+
+
+def check_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's shape: ``{"type": "text" | "json_object"}`` or ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}`` with a schema that is itself valid."""
+    if value is None:
+        return None
+    kind = value.get("type")
+    if kind in ("text", "json_object"):
+        return value
+    if kind != "json_schema":
+        raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError("json_schema must be an object with a 'name' and a 'schema'")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise ValueError("json_schema.schema must be a JSON Schema object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"json_schema.schema is not a valid JSON Schema: {exc.message}") from None
+    return value
 
 
 class ChatCompletionBody(_Sampling):
@@ -130,6 +153,8 @@ class ChatCompletionBody(_Sampling):
     parallel_tool_calls: bool | None = None
     logit_bias: dict[str, int] | None = None
 
+    _format = field_validator("response_format")(check_response_format)
+
     def to_request(self, request_id: str, endpoint: str) -> ChatRequest:
         return ChatRequest(
             model="",
@@ -140,6 +165,7 @@ class ChatCompletionBody(_Sampling):
             stop=self.stop_list(),
             tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
             tool_choice=self.tool_choice,
+            response_format=self.response_format,
             extra={k: v for k in _PASSTHROUGH if (v := getattr(self, k)) is not None},
             request_id=request_id,
             endpoint=endpoint,
@@ -153,6 +179,11 @@ class SimpleChatBody(_Sampling):
     messages: list[Message] | None = None
     model: str | None = Field(default=None, min_length=1)
     system: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    _format = field_validator("response_format")(check_response_format)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> SimpleChatBody:
@@ -180,6 +211,9 @@ class SimpleChatBody(_Sampling):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             stop=self.stop_list(),
+            tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
+            tool_choice=self.tool_choice,
+            response_format=self.response_format,
             request_id=request_id,
             endpoint=endpoint,
         )

@@ -22,7 +22,6 @@ from fastapi.responses import Response
 from app.api.deps import (
     RequestId,
     State,
-    admit,
     client_id,
     json_body,
     require_key,
@@ -43,7 +42,7 @@ def last_event_id(request: Request) -> str | None:
 async def resume(state: State, rid: str, sid: str, client: str, after: int) -> Response:
     body = await state.streams.subscribe(sid, client, after)
     if after >= 0:
-        state.router.metrics.resumes.inc()
+        state.metrics.resumes.inc()
     if body is None:
         # Everything was delivered; 204 stops EventSource reconnecting.
         return Response(status_code=204, headers={"X-Request-ID": rid})
@@ -54,11 +53,14 @@ async def resume(state: State, rid: str, sid: str, client: str, after: int) -> R
 async def create_stream(request: Request, state: State, rid: RequestId) -> Response:
     body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)
-    state.router.refuse_if_draining()
-    slot = await admit(state, client_id(request))
+    client = client_id(request)
+    ticket = await state.dispatch.admit(client)
     chat = body.to_request(rid, "/chat/streams")
     run = await state.streams.start(
-        client_id(request), route.name, lambda: state.router.open(route, chat), slot=slot
+        client,
+        route.name,
+        lambda: state.dispatch.open(route, chat, ticket, structured=True),
+        slot=ticket,
     )
     url = f"/chat/streams/{run.sid}/events"
     return Response(

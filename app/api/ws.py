@@ -27,7 +27,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from app.api.bounds import check_depth, check_model, refusal
-from app.api.deps import GatewayState, admit, client_of, describe, key_matches, opening
+from app.api.deps import GatewayState, client_of, describe, key_matches
 from app.api.schemas import SimpleChatBody
 from app.errors import (
     AuthenticationFailed,
@@ -38,6 +38,8 @@ from app.errors import (
 )
 from app.events import End
 from app.relay import Generation
+from app.requests import ChatRequest
+from app.routing import Route
 from app.wire.simple import end_json
 from app.wire.ws import error_frame, frame, frames
 
@@ -90,7 +92,7 @@ class Session:
                 await self.ws.send_text(text)
 
     def refused(self, limit: str) -> None:
-        self.state.router.metrics.refused.labels(limit).inc()
+        self.state.metrics.refused.labels(limit).inc()
 
     async def error(self, exc: GatewayError) -> None:
         await self.send(error_frame(exc))
@@ -219,13 +221,12 @@ class Session:
         request = body.to_request(f"ws_{secrets.token_hex(8)}", "/ws/chat")
         self.task = asyncio.create_task(self.run(route, request))
 
-    async def run(self, route: Any, request: Any) -> None:
+    async def run(self, route: Route, request: ChatRequest) -> None:
         stream_id = request.request_id
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            slot = await admit(self.state, self.client)
-            gen = await opening(self.state.router, route, request, slot)
+            gen = await self.state.dispatch.start(self.client, route, request, structured=True)
         except GatewayError as exc:
             await self.error(exc)
             end = End.before_start("error", route.name, round((loop.time() - started) * 1000))

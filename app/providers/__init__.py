@@ -1,17 +1,17 @@
-"""Provider kinds, each behind the one-method ``Provider`` protocol (base.py)."""
+"""Provider kinds, each behind the ``Provider`` protocol (base.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any
 
 from app.config import ProviderConfig, Settings
+from app.providers.base import Provider
 
 log = logging.getLogger("app.providers")
 
 
-def build_provider(name: str, config: ProviderConfig, settings: Settings) -> Any | None:
+def build_provider(name: str, config: ProviderConfig, settings: Settings) -> Provider | None:
     """A provider instance for ``config``; None when its optional extra is missing."""
     if config.kind in ("openai", "openai-compatible"):
         from app.providers.openai import OpenAIProvider
@@ -21,6 +21,10 @@ def build_provider(name: str, config: ProviderConfig, settings: Settings) -> Any
         from app.providers.anthropic import AnthropicProvider
 
         return AnthropicProvider(name, config, settings)
+    if config.kind == "gemini":
+        from app.providers.gemini import GeminiProvider
+
+        return GeminiProvider(name, config, settings)
     from app.providers.local import LocalProvider
 
     if importlib.util.find_spec("llama_cpp") is None:

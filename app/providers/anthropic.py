@@ -1,4 +1,4 @@
-"""Anthropic Messages streaming -> ChatEvents.
+"""Anthropic Messages streaming -> ProviderEvents.
 
 The request is sent by the official SDK; the event stream is decoded raw
 (see ``app.providers.openai`` for why) and normalised by ``AnthropicNormaliser``,
@@ -15,11 +15,11 @@ import anthropic
 import orjson
 
 from app.config import ProviderConfig, Settings
-from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
-from app.providers.base import ChatRequest
+from app.events import Finish, FinishReason, ProviderEvent, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.errors import GENERIC, Scrubber, in_band_error, truncated, untranslatable
-from app.providers.http import UpstreamSession, read_chunks, release
+from app.providers.http import UpstreamSession, model_ids, read_chunks, release
 from app.providers.sse import SSEDecoder
+from app.requests import ChatRequest
 
 DEFAULT_MAX_TOKENS = 4096
 STOP_REASONS: dict[str, FinishReason] = {
@@ -33,18 +33,35 @@ STOP_REASONS: dict[str, FinishReason] = {
 }
 
 
+# The tool that carries structured output (``response_format``): Anthropic has no
+# JSON mode, so the schema becomes this tool's input schema and the model is made
+# to call it; its input is relayed as the answer's text, as OpenAI sends JSON.
+ANSWER_TOOL = "json_answer"
+
+
 class AnthropicNormaliser:
-    """Feed decoded stream events in order; get ChatEvents out. No I/O."""
+    """Feed decoded stream events in order; get ProviderEvents out. No I/O.
 
-    __slots__ = ("_tools", "done", "provider", "scrub")
+    ``answer_tool``: the forced tool of structured output, whose input is text."""
 
-    def __init__(self, provider: str = "anthropic", scrubber: Scrubber = GENERIC) -> None:
+    __slots__ = ("_answer", "_answer_tool", "_empty", "_tools", "done", "provider", "scrub")
+
+    def __init__(
+        self,
+        provider: str = "anthropic",
+        scrubber: Scrubber = GENERIC,
+        answer_tool: str | None = None,
+    ) -> None:
         self._tools: dict[int, int] = {}  # content block index -> tool call index
+        # Tool blocks with no argument piece yet: a call without arguments is "{}", as OpenAI's.
+        self._empty: set[int] = set()
+        self._answer_tool = answer_tool
+        self._answer: int | None = None  # the block carrying structured output
         self.done = False
         self.provider = provider
         self.scrub = scrubber
 
-    def feed(self, obj: dict[str, Any]) -> list[ChatEvent]:
+    def feed(self, obj: dict[str, Any]) -> list[ProviderEvent]:
         kind = obj.get("type")
         if kind == "content_block_delta":
             delta = obj["delta"]
@@ -53,9 +70,15 @@ class AnthropicNormaliser:
                 text = delta.get("text")
                 return [TextDelta(text)] if text else []
             if dtype == "input_json_delta":
-                index = self._tools.get(obj.get("index", 0))
+                block = obj.get("index", 0)
                 piece = delta.get("partial_json") or ""
-                if index is None or not piece:
+                if not piece:
+                    return []
+                self._empty.discard(block)
+                if block == self._answer:
+                    return [TextDelta(piece)]
+                index = self._tools.get(block)
+                if index is None:
                     return []
                 return [ToolCallDelta(index=index, arguments=piece)]
             return []  # thinking, signatures, citations: not relayed
@@ -63,19 +86,27 @@ class AnthropicNormaliser:
             block = obj.get("content_block") or {}
             btype = block.get("type")
             if btype == "tool_use":
-                index = self._tools[obj.get("index", 0)] = len(self._tools)
+                at = obj.get("index", 0)
+                self._empty.add(at)
+                if self._answer_tool is not None and block.get("name") == self._answer_tool:
+                    self._answer = at
+                    return []
+                index = self._tools[at] = len(self._tools)
                 return [ToolCallDelta(index=index, id=block.get("id"), name=block.get("name"))]
             if btype == "text" and block.get("text"):
                 return [TextDelta(block["text"])]
             return []
         if kind == "message_delta":
-            events: list[ChatEvent] = []
+            events: list[ProviderEvent] = []
             usage = obj.get("usage")
             if usage:
                 events.append(Usage(usage.get("input_tokens"), usage.get("output_tokens")))
             reason = (obj.get("delta") or {}).get("stop_reason")
             if reason:
-                events.append(Finish(STOP_REASONS.get(reason, "stop")))
+                finish = STOP_REASONS.get(reason, "stop")
+                if finish == "tool_calls" and self._answer is not None and not self._tools:
+                    finish = "stop"  # only the structured-output tool was called: an answer
+                events.append(Finish(finish))
             return events
         if kind == "message_start":
             usage = (obj.get("message") or {}).get("usage") or {}
@@ -87,12 +118,22 @@ class AnthropicNormaliser:
                 usage.get("cache_creation_input_tokens") or 0
             )
             return [Usage(inputs, usage.get("output_tokens"))]
+        if kind == "content_block_stop":
+            block = obj.get("index", 0)
+            if block in self._empty:
+                self._empty.discard(block)
+                if block == self._answer:
+                    return [TextDelta("{}")]
+                index = self._tools.get(block)
+                if index is not None:
+                    return [ToolCallDelta(index=index, arguments="{}")]
+            return []
         if kind == "message_stop":
             self.done = True
             return []
         if kind == "error":
             raise in_band_error(obj, self.provider, self.scrub)
-        return []  # ping, content_block_stop, unknown future types
+        return []  # ping, unknown future types
 
 
 def _text_of(content: Any) -> str:
@@ -222,7 +263,31 @@ def build_params(request: ChatRequest) -> dict[str, Any]:
         choice = _tool_choice(request.tool_choice)
         if choice:
             params["tool_choice"] = choice
+    schema = answer_schema(request.response_format)
+    if schema is not None:
+        # Structured output: one tool whose input is the answer, and the model must call it.
+        tool = {
+            "name": ANSWER_TOOL,
+            "description": "Give the answer as this tool's input.",
+            "input_schema": schema,
+        }
+        params["tools"] = [*params.get("tools", ()), tool]
+        params["tool_choice"] = {"type": "tool", "name": ANSWER_TOOL}
     return params
+
+
+def answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema a ``response_format`` asks for (any object for ``json_object``)."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        # Anthropic refuses a tool input schema that is not an object, with a 400 that says so.
+        return schema if isinstance(schema, dict) else {"type": "object"}
+    if kind == "json_object":
+        return {"type": "object"}
+    return None
 
 
 class AnthropicProvider:
@@ -238,21 +303,30 @@ class AnthropicProvider:
             Scrubber.for_settings(settings),
         )
 
+    ready = True  # nothing to load: every request connects on its own
+
+    async def start(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
+    async def list_models(self) -> list[str]:
+        return model_ids(await self._http.get_json("/v1/models"))
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         params = untranslatable(self.name, build_params, request)
         resp = await self._http.post_stream("/v1/messages", params)
         complete = False
         try:
             yield [Start()]
             decoder = SSEDecoder()
-            norm = AnthropicNormaliser(self.name, self._http.scrub)
+            answer = ANSWER_TOOL if answer_schema(request.response_format) is not None else None
+            norm = AnthropicNormaliser(self.name, self._http.scrub, answer)
             async for chunk in read_chunks(resp, self.name):
                 if norm.done:
                     continue  # drain to the end so the connection can be reused
-                events: list[ChatEvent] = []
+                events: list[ProviderEvent] = []
                 bad = False
                 for _name, data in decoder.feed(chunk):
                     try:

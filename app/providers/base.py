@@ -1,6 +1,7 @@
-"""The one seam between routing and providers.
+"""The one seam between the gateway and its providers.
 
-A provider turns a ``ChatRequest`` into a stream of ``ChatEvent`` batches.
+A provider turns a ``ChatRequest`` (``app.requests``) into a stream of
+``ProviderEvent`` batches.
 
 Contract, relied on by ``app.relay``:
 
@@ -22,39 +23,32 @@ Contract, relied on by ``app.relay``:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from app.events import ChatEvent
-
-
-@dataclass(slots=True)
-class ChatRequest:
-    """A chat request in the gateway's own terms.
-
-    ``messages`` keep OpenAI's shape (roles system/user/assistant/tool, content
-    as text or a list of parts, assistant ``tool_calls``); each provider turns
-    them into its own. ``model`` is the upstream's model id, without the
-    provider prefix.
-    """
-
-    model: str
-    messages: list[dict[str, Any]]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    # Further OpenAI parameters passed through to OpenAI-kind upstreams as-is
-    # (seed, response_format, ...); other kinds ignore them.
-    extra: dict[str, Any] = field(default_factory=dict)
-    request_id: str = ""
-    endpoint: str = ""  # the gateway route that asked, for metrics and logs
-    # The last message is a partial assistant answer to be continued, not a
-    # turn to answer (providers that accept it: ProviderConfig.accepts_continuation).
-    continuation: bool = False
+from app.events import ProviderEvent
+from app.requests import ChatRequest
 
 
 class Provider(Protocol):
-    def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]: ...
+    """What the gateway needs of a provider kind (openai, anthropic, local)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can take requests now (``/readyz``); HTTP providers always can."""
+        ...
+
+    async def start(self) -> None:
+        """Prepare at app start (load a local model); a no-op for HTTP providers."""
+        ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]: ...
+
+    async def list_models(self) -> list[str]:
+        """The model ids the upstream says it serves (``GET /v1/models`` for a provider
+        configured without a ``models`` list; the caller bounds the wait); raises
+        ``GatewayError`` when it cannot tell."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and models at app exit."""
+        ...

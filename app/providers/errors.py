@@ -29,7 +29,7 @@ from app.errors import (
 
 if TYPE_CHECKING:
     from app.config import Settings
-    from app.providers.base import ChatRequest
+    from app.requests import ChatRequest
 
 _KEYISH = re.compile(r"\b(?:sk|pk|rk|key|sess|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
 # Any URL (its host, path and query may name internal services), and absolute

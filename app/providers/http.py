@@ -1,7 +1,9 @@
 """The upstream HTTP call, shared by the SDK-based providers.
 
 The official SDK client is the source of the request's identity: base URL,
-auth and version headers, exactly as the SDK would send them. The call itself
+auth and version headers, exactly as the SDK would send them (anything with
+``base_url``, ``default_headers`` and ``auth_headers`` will do: Gemini, whose
+SDK is not a dependency, hands over its REST identity that way). The call itself
 goes out on one aiohttp session per provider, because the SDK's per-request
 machinery (parameter transform, httpx2 request and header models) costs about
 a millisecond a request, the whole budget of added time to first token.
@@ -12,7 +14,7 @@ collapses at about a thousand connections.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -24,13 +26,24 @@ from app.providers.errors import GENERIC, Scrubber, map_status, truncated
 # Bodies of upstream errors are read only this far.
 _ERROR_BODY_LIMIT = 64 * 1024
 
+# (status, body, Retry-After, provider name, scrubber) -> the error to raise;
+# ``map_status`` unless a provider's error bodies need their own reading (Gemini).
+StatusMapper = Callable[[int, bytes, str | None, str, Scrubber], GatewayError]
+
 
 class UpstreamSession:
     def __init__(
-        self, name: str, sdk_client: Any, connect_timeout: float, scrubber: Scrubber = GENERIC
+        self,
+        name: str,
+        sdk_client: Any,
+        connect_timeout: float,
+        scrubber: Scrubber = GENERIC,
+        *,
+        status_mapper: StatusMapper = map_status,
     ) -> None:
         self.name = name
         self.scrub = scrubber
+        self._map_status = status_mapper
         self._sdk = sdk_client
         self._base = str(sdk_client.base_url).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
@@ -75,7 +88,29 @@ class UpstreamSession:
             body = b""
         finally:
             resp.close()
-        raise map_status(resp.status, body, resp.headers.get("retry-after"), self.name, self.scrub)
+        raise self._map_status(
+            resp.status, body, resp.headers.get("retry-after"), self.name, self.scrub
+        )
+
+    async def get_json(self, path: str) -> Any:
+        """GET a small JSON document (a model list); any failure is a GatewayError."""
+        session = self._session or self._start()
+        try:
+            async with session.get(self._base + path, headers=self._headers) as resp:
+                body = await resp.content.read(_ERROR_BODY_LIMIT * 16)
+                status = resp.status
+        except (aiohttp.ClientError, OSError, ValueError):
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' did not list its models", code="upstream_unavailable"
+            ) from None
+        if status >= 300:
+            raise self._map_status(status, body, None, self.name, self.scrub)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' sent an unreadable model list", code="upstream_unavailable"
+            ) from None
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -100,3 +135,11 @@ def release(resp: aiohttp.ClientResponse, complete: bool) -> None:
 
 
 __all__ = ["GatewayError", "UpstreamSession", "read_chunks", "release"]
+
+
+def model_ids(listing: Any) -> list[str]:
+    """The ids in an OpenAI- or Anthropic-style ``{"data": [{"id": ...}]}`` model list."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return []
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]

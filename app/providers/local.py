@@ -45,6 +45,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
+
 from app.config import LOCAL_MODEL_ID, LOCAL_MODEL_IDS, Settings
 from app.errors import (
     GatewayError,
@@ -54,8 +56,8 @@ from app.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, Usage
-from app.providers.base import ChatRequest
+from app.events import Finish, FinishReason, ProviderEvent, Start, TextDelta, Usage
+from app.requests import ChatRequest
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -496,6 +498,34 @@ class _Params:
     seed: int | None
     frequency_penalty: float
     presence_penalty: float
+    grammar: Any = None  # structured output: a LlamaGrammar the sampler must follow
+
+
+@lru_cache(maxsize=32)
+def _grammar(schema_json: str) -> Any:
+    """A llama.cpp grammar for a JSON schema ("" for any JSON object); cached, as building
+    one parses the schema."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    if not schema_json:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> Any:
+    """The grammar that makes the model answer in ``response_format``'s JSON, or None."""
+    if not response_format or response_format.get("type") not in ("json_schema", "json_object"):
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema else ""
+    try:
+        return _grammar(key)
+    except Exception:  # llama.cpp's converter does not know every schema keyword
+        raise InvalidRequest(
+            "response_format: the local model cannot follow this JSON schema "
+            "(a keyword it does not support)",
+            param="response_format",
+        ) from None
 
 
 def _number(value: Any, name: str, default: float, low: float, high: float) -> float:
@@ -697,6 +727,9 @@ class LocalProvider:
             log.error("assembling the local model file failed: %s", exc)
             raise UpstreamUnavailable("the local model file could not be prepared") from exc
 
+    async def list_models(self) -> list[str]:
+        return list(MODELS)
+
     async def aclose(self) -> None:
         """Stop the running generation and free the models; waiters then fail."""
         self._closed = True
@@ -744,10 +777,10 @@ class LocalProvider:
 
     # -- streaming --
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
+    def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         return self._stream(request)
 
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         if self._closed:
             raise UpstreamUnavailable("the local model is shut down")
         spec = MODELS.get(request.model)
@@ -790,7 +823,7 @@ class LocalProvider:
             finished = False
             while True:
                 item = await queue.get()
-                batch: list[ChatEvent] = []
+                batch: list[ProviderEvent] = []
                 end = False
                 failure: BaseException | None = None
                 while True:
@@ -866,6 +899,7 @@ class LocalProvider:
             presence_penalty=_number(
                 extra.get("presence_penalty"), "presence_penalty", 0.0, -2.0, 2.0
             ),
+            grammar=grammar_for(request.response_format),
         )
 
     def _generate(self, llm: Llama, p: _Params, job: _Job) -> None:
@@ -873,7 +907,7 @@ class LocalProvider:
         import llama_cpp
 
         emit = job.emit
-        last: list[ChatEvent] | BaseException | None = None  # final events, or the failure
+        last: list[ProviderEvent] | BaseException | None = None  # final events, or the failure
         try:
             is_eog = llama_cpp.llama_vocab_is_eog
             vocab = llm._model.vocab
@@ -893,6 +927,7 @@ class LocalProvider:
                 repeat_penalty=p.repeat_penalty,
                 frequency_penalty=p.frequency_penalty,
                 presence_penalty=p.presence_penalty,
+                grammar=p.grammar,
             )
             try:
                 for token in tokens:
@@ -919,7 +954,7 @@ class LocalProvider:
             finally:
                 tokens.close()
             if not job.cancelled:
-                final: list[ChatEvent] = []
+                final: list[ProviderEvent] = []
                 if not hit_stop:
                     tail = pending + text_of.flush()
                     if tail:

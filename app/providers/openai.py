@@ -17,11 +17,11 @@ import orjson
 
 from app.config import ProviderConfig, Settings
 from app.errors import UpstreamStatus
-from app.events import ChatEvent, Finish, FinishReason, Start, TextDelta, ToolCallDelta, Usage
-from app.providers.base import ChatRequest
+from app.events import Finish, FinishReason, ProviderEvent, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.errors import Scrubber, in_band_error, truncated, untranslatable
-from app.providers.http import UpstreamSession, read_chunks, release
+from app.providers.http import UpstreamSession, model_ids, read_chunks, release
 from app.providers.sse import SSEDecoder
+from app.requests import ChatRequest
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -32,11 +32,11 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-def normalise_chunk(obj: dict[str, Any]) -> list[ChatEvent]:
+def normalise_chunk(obj: dict[str, Any]) -> list[ProviderEvent]:
     """One ``chat.completion.chunk`` (already JSON-decoded) -> events. Pure."""
     if "error" in obj:
         raise in_band_error(obj["error"])
-    events: list[ChatEvent] = []
+    events: list[ProviderEvent] = []
     for choice in obj.get("choices") or ():
         if choice.get("index", 0) != 0:
             continue
@@ -87,6 +87,8 @@ def build_params(request: ChatRequest) -> dict[str, Any]:
         params["tools"] = request.tools
     if request.tool_choice is not None:
         params["tool_choice"] = request.tool_choice
+    if request.response_format is not None:
+        params["response_format"] = request.response_format
     params.update(request.extra)
     return params
 
@@ -111,10 +113,18 @@ class OpenAIProvider:
             Scrubber.for_settings(settings),
         )
 
+    ready = True  # nothing to load: every request connects on its own
+
+    async def start(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[list[ChatEvent]]:
+    async def list_models(self) -> list[str]:
+        return model_ids(await self._http.get_json("/models"))
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         params = untranslatable(self.name, build_params, request)
         if request.continuation and self.kind == "openai-compatible":
             params.update(CONTINUE_PARAMS)
@@ -128,7 +138,7 @@ class OpenAIProvider:
             async for chunk in body:
                 if done:
                     continue  # drain to the end so the connection can be reused
-                events: list[ChatEvent] = []
+                events: list[ProviderEvent] = []
                 bad = False
                 for _name, data in decoder.feed(chunk):
                     if data == b"[DONE]":

@@ -4,17 +4,22 @@ Keys (under ``GATEWAY_REDIS_PREFIX``):
 
 - ``stream:<id>``: a hash, ``client`` (who may read it), ``owner`` (the
   instance that runs it) and ``state`` (``running`` / ``ended``);
-- ``stream:<id>:log``: a Redis Stream, one entry per SSE frame, with the
-  explicit id ``0-<n+1>`` for frame ``n``. A reader resumes after frame ``n``
-  with ``XREAD`` from ``0-<n+1>`` and follows it live with ``BLOCK``; and a
-  second writer could never interleave (ids must grow).
+- ``stream:<id>:log``: a Redis Stream, one entry per frame (field ``f``),
+  with the explicit id ``0-<n+1>`` for frame ``n``. The terminator's entry
+  also holds ``e``, the finish reason: the end is data, never parsed out of
+  a frame. A reader resumes after frame ``n`` with ``XREAD`` from
+  ``0-<n+1>`` and follows it live with ``BLOCK``; and a second writer could
+  never interleave (ids must grow). A batch that ends the stream is added in
+  one ``MULTI``/``EXEC``, so that no ``XREAD`` returns the end without its
+  terminator.
 - ``stream:<id>:reader``: a lease held for readers on other instances (their
   instance renews it); the owner counts it as a reader for the resume grace.
 - ``instance:<id>``: each instance's heartbeat (renewed every second,
   expiring after ``OWNER_TTL_S``). A reader that finds its stream's owner
-  gone (crashed, killed) ends the log itself: ``error`` (``instance_lost``),
-  ``end`` and ``[DONE]``, appended by a script only if the log is still
-  where the reader saw it end, so that a stream never gets two endings.
+  gone (crashed, killed) is told so (``OwnerLost``); its side builds the
+  ending (``app.streams.readers``), which ``end_orphan`` appends by a script
+  only if the log is still where the reader saw it end and has no ``e``, so
+  that a stream never gets two endings.
 
 Both keys of a running stream expire after the longest a stream can run plus
 the TTL, and ``GATEWAY_STREAM_TTL_S`` after its end. Cancels go to every
@@ -30,7 +35,7 @@ each reply a bounded piece (``COUNT``), so that a reader that stops reading
 holds one piece, never a copy of the log.
 
 Every Redis failure becomes ``StoreUnavailable``: a 503 before a stream, a
-clean ``error`` + ``end`` + ``[DONE]`` during one (the owner marks the
+clean ending (``error``, ``end``, terminator) during one (the owner marks the
 stream ``failed`` where it still can, and readers elsewhere end their own
 clients' streams when they see it).
 """
@@ -41,18 +46,15 @@ import asyncio
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import suppress
 from typing import Any
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from app.errors import StoreUnavailable, StreamLost
-from app.streams.store import DONE_TAIL, PIECE_BYTES, Log, Meta
-from app.wire.simple import ending_frames
+from app.errors import StoreUnavailable
+from app.sharedstate import unavailable
+from app.streams.store import PIECE_BYTES, Entry, Log, Meta, OwnerLost
 
 log = logging.getLogger("app.streams")
 
@@ -77,51 +79,38 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 
 return 0
 """
 
-# KEYS: the stream's hash, its log. ARGV: the log's last entry id as the
-# reader saw it, the TTL, then the frames that end it.
+# The ending of a log whose writer cannot write it (its owner is gone, or its
+# owner's Redis blipped): appended only if the log still stops where the
+# caller saw it stop, and has no end. Frames are opaque: the end is the ``e``
+# field. KEYS: the stream's hash, its log. ARGV: the log's last entry id as
+# the caller saw it, the TTL, the finish reason, then the frames.
 _ABANDON = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 local tail = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local last = '0-0'
 if #tail > 0 then
   last = tail[1][1]
-  -- Already over: [DONE] is logged (only marking it ended failed).
-  if string.sub(tail[1][2][2], -14) == 'data: [DONE]\\n\\n' then return 0 end
+  local fields = tail[1][2]
+  for i = 1, #fields, 2 do
+    -- Already over: the end is logged (only marking it ended failed).
+    if fields[i] == 'e' then return 0 end
+  end
 end
 if last ~= ARGV[1] then return 0 end
 local n = tonumber(string.match(last, '-(%d+)$'))
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   n = n + 1
-  redis.call('XADD', KEYS[2], '0-' .. n, 'f', ARGV[i])
+  if i == #ARGV then
+    redis.call('XADD', KEYS[2], '0-' .. n, 'f', ARGV[i], 'e', ARGV[3])
+  else
+    redis.call('XADD', KEYS[2], '0-' .. n, 'f', ARGV[i])
+  end
 end
 redis.call('HSET', KEYS[1], 'state', 'ended')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
-
-
-def connect(url: str) -> Any:
-    """A client for ``url`` (no connection is made until first use)."""
-    return redis.Redis.from_url(
-        url,
-        # A reader of a stream running on another instance holds one in XREAD
-        # BLOCK; redis-py's default cap (100) would fail the 101st. A
-        # ``max_connections`` in the URL wins.
-        max_connections=10_000,
-        socket_connect_timeout=2,
-        socket_timeout=5,  # longer than any XREAD block
-        health_check_interval=10,
-        # A Redis that went away is reported within a second, not after retries.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
-    )
-
-
-def unavailable(exc: Exception) -> StoreUnavailable:
-    log.warning("redis unavailable: %s", type(exc).__name__)
-    return StoreUnavailable(
-        "the gateway's shared state (Redis) is unreachable", code="store_unavailable", retry_after=1
-    )
 
 
 class RedisStore:
@@ -154,17 +143,20 @@ class RedisStore:
             raise unavailable(exc) from None
         self._local[sid] = Log(client)
 
-    async def append(self, sid: str, first: int, frames: list[bytes]) -> None:
+    async def append(
+        self, sid: str, first: int, frames: list[bytes], end: str | None = None
+    ) -> None:
         key = self._key(sid) + ":log"
         try:
-            if len(frames) == 1 and first:
+            if len(frames) == 1 and first and end is None:
                 # One frame, the common case while streaming: a plain command costs
                 # redis-py less CPU than a pipeline.
                 results = [await self._xadd(key, first + 1, frames[0])]
             else:
-                async with self.r.pipeline(transaction=False) as pipe:
-                    for i, frame in enumerate(frames, first + 1):
-                        pipe.xadd(key, {"f": frame}, id=f"0-{i}")
+                # An ending batch in one MULTI/EXEC: no XREAD sees its end without
+                # its terminator. (An entry id that clashes fails alone in EXEC.)
+                async with self.r.pipeline(transaction=end is not None) as pipe:
+                    _add(pipe, key, first, frames, end)
                     if first == 0:
                         pipe.expire(key, self.run_ttl)
                     results = await pipe.execute(raise_on_error=False)
@@ -178,7 +170,7 @@ class RedisStore:
                 clashes.append(i)
         if clashes:
             await self._check_ours(key, first, frames, clashes)
-        self._local[sid].extend(frames)
+        self._local[sid].extend(frames, end)
 
     async def _check_ours(
         self, key: str, first: int, frames: list[bytes], clashes: list[int]
@@ -217,17 +209,17 @@ class RedisStore:
         finally:
             local = self._local.pop(sid, None)
             if local is not None:
-                local.extend([], end=True)
+                local.close()
 
-    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
+    async def fail(self, sid: str, first: int, frames: list[bytes], end: str) -> None:
         local = self._local.pop(sid, None)
         if local is not None:
-            local.extend(frames, end=True)
+            local.extend(frames, end)
         key = self._key(sid)
         with suppress(RedisError):
             # A blip: Redis answers again, so the ending goes where every reader
             # finds it (unless the log is not where this instance left it).
-            args = [f"0-{first}", self.ttl, *frames]
+            args = [f"0-{first}", self.ttl, end, *frames]
             if not await self._abandon(keys=[key, key + ":log"], args=args):
                 await self._mark(keys=[key], args=["state", "failed"])
 
@@ -253,20 +245,20 @@ class RedisStore:
         if client is None:
             return None  # expired, or lost (a Redis restarted without persistence)
         last = _number(tail[0][0]) if tail else -1
-        # A logged [DONE] is the end, even if marking the state failed after it.
-        ended = fields.get(b"state") == b"ended" or bool(
-            tail and tail[0][1][b"f"].endswith(DONE_TAIL)
-        )
-        return Meta(client.decode(), ended, last)
+        end = tail[0][1].get(b"e") if tail else None
+        finish = None if end is None else end.decode()
+        # A logged end is the end, even if marking the state failed after it.
+        ended = finish is not None or fields.get(b"state") == b"ended"
+        return Meta(client.decode(), ended, last, finish)
 
-    def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    def follow(self, sid: str, after: int) -> AsyncGenerator[Entry, None]:
         local = self._local.get(sid)
         return local.follow(after) if local is not None else self._follow(sid, after)
 
-    async def _follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def _follow(self, sid: str, after: int) -> AsyncGenerator[Entry, None]:
         key = self._key(sid)
         log_key = key + ":log"
-        last = f"0-{after + 1}"
+        last = b"0-%d" % (after + 1)
         r = self.r
         try:
             # The lease now; the heartbeat renews it while this reader follows,
@@ -286,8 +278,8 @@ class RedisStore:
                 del self._following[sid]
 
     async def _read_log(
-        self, sid: str, key: str, log_key: str, last: str | bytes
-    ) -> AsyncIterator[tuple[int, bytes]]:
+        self, sid: str, key: str, log_key: str, last: bytes
+    ) -> AsyncGenerator[Entry, None]:
         r = self.r
         count = _COUNT_FIRST
         while not self.closing:
@@ -302,32 +294,31 @@ class RedisStore:
                             "the stream's log could not be kept", code="store_unavailable"
                         )
                     if not await r.exists(f"{self.prefix}instance:{owner.decode()}"):
-                        await self._end_abandoned(sid, last)
+                        raise OwnerLost(_number(last))
             except RedisError as exc:
                 raise unavailable(exc) from None
             if not found:
                 continue
             entries = found[0][1]
-            entry: bytes = entries[-1][0]
+            entry, fields = entries[-1]
             last = entry
-            data = b"".join(fields[b"f"] for _, fields in entries)
+            data = b"".join(f[b"f"] for _, f in entries)
             # The next read asks for about PIECE_BYTES of frames of this size.
             count = min(_COUNT_MAX, max(1, len(entries) * PIECE_BYTES // len(data)))
-            yield _number(entry), data
-            if data.endswith(DONE_TAIL):
+            # Only the last entry can be the terminator (nothing is logged after it).
+            end = fields.get(b"e")
+            if end is not None:
+                yield _number(entry), data, end.decode()
                 return
+            yield _number(entry), data, None
 
-    async def _end_abandoned(self, sid: str, last: bytes | str) -> None:
-        """The owner is gone: end the log (unless it moved on or ended meanwhile)."""
-        last = last.decode() if isinstance(last, bytes) else last
-        lost = StreamLost(
-            "the gateway instance running this stream stopped; send the request again",
-            code="instance_lost",
-        )
-        frames = ending_frames(sid, int(last.partition("-")[2]), lost)
+    async def end_orphan(self, sid: str, last: int, frames: list[bytes], end: str) -> bool:
         key = self._key(sid)
-        if await self._abandon(keys=[key, key + ":log"], args=[last, self.ttl, *frames]):
-            log.warning("stream %s: its instance is gone; ended it", sid)
+        args = [f"0-{last + 1}", self.ttl, end, *frames]
+        try:
+            return bool(await self._abandon(keys=[key, key + ":log"], args=args))
+        except RedisError as exc:
+            raise unavailable(exc) from None
 
     async def has_reader(self, sid: str) -> bool:
         try:
@@ -413,3 +404,11 @@ class RedisStore:
 def _number(entry_id: bytes) -> int:
     """Frame number of a log entry id ``0-<n+1>``."""
     return int(entry_id.partition(b"-")[2]) - 1
+
+
+def _add(pipe: Any, key: str, first: int, frames: list[bytes], end: str | None) -> None:
+    """XADDs of ``frames`` from number ``first``; ``end`` beside the last one."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        fields = {"f": frame} if end is None or i < last else {"f": frame, "e": end}
+        pipe.xadd(key, fields, id=f"0-{first + 1 + i}")

@@ -1,24 +1,30 @@
 """Where replay logs live: the ``Store`` seam, and the in-memory store.
 
-A log holds one stream's SSE frames, one per event, numbered from 0 as their
-``id: <stream>:<n>`` says. The stream's owner appends; readers ``follow`` from
-any position: what is logged already comes at once, then each new append, up
-to the ``[DONE]`` frame. ``app.streams.redis_store`` keeps the same logs in
-Redis so that any instance can serve any stream.
+A log holds one stream's frames, one entry each, numbered from 0. The frames
+are opaque bytes (a wire format's, through ``app.streams.codec``); what the
+log knows besides is the stream's end, recorded as data: ``append``/``fail``
+with ``end=<finish reason>`` mark the last frame of that batch as the
+terminator. The stream's owner appends; readers ``follow`` from any
+position: what is logged already comes at once, then each new append, up to
+the terminator. ``app.streams.redis_store`` keeps the same logs in Redis so
+that any instance can serve any stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-DONE_TAIL = b"data: [DONE]\n\n"
 # The most a reader is handed at once when it is behind (a replay, a slow
 # client): what it holds while its socket is full.
 PIECE_BYTES = 64 * 1024
+
+Entry = tuple[int, bytes, str | None]
+"""What ``follow`` yields: the number of the piece's last frame, the frames joined, and the
+finish reason when that last frame is the terminator (None otherwise)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,6 +32,17 @@ class Meta:
     client: str  # who may read and stop it (a key fingerprint or an address)
     ended: bool
     last: int  # number of the last logged frame; -1 before the first
+    finish: str | None = None  # the finish reason, once the terminator is logged
+
+
+class OwnerLost(Exception):
+    """Raised by ``follow``: the instance that runs the stream is gone, and the log stops at
+    frame ``last`` (what the reader was handed last). The reader may end it
+    (``end_orphan``) and follow again."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__(last)
+        self.last = last
 
 
 class Store(Protocol):
@@ -35,11 +52,18 @@ class Store(Protocol):
 
     async def create(self, sid: str, client: str) -> None: ...
 
-    async def append(self, sid: str, first: int, frames: list[bytes]) -> None: ...
+    async def append(
+        self, sid: str, first: int, frames: list[bytes], end: str | None = None
+    ) -> None:
+        """Log ``frames`` as numbers ``first``...; ``end``: the batch ends the stream with that
+        finish reason (recorded beside its last frame, all of it visible at once)."""
+        ...
 
-    async def finish(self, sid: str) -> None: ...
+    async def finish(self, sid: str) -> None:
+        """The log is over (its terminator is logged): keep it for the TTL."""
+        ...
 
-    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
+    async def fail(self, sid: str, first: int, frames: list[bytes], end: str) -> None:
         """The store failed: end the log with ``frames`` (from number ``first``) where it can."""
         ...
 
@@ -49,9 +73,15 @@ class Store(Protocol):
 
     async def meta(self, sid: str) -> Meta | None: ...
 
-    def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
-        """(number of the last frame, frames joined) after frame ``after``, up to [DONE];
-        joined in pieces of at most ``PIECE_BYTES`` (or one larger frame)."""
+    def follow(self, sid: str, after: int) -> AsyncGenerator[Entry, None]:
+        """The frames after frame ``after``, up to the terminator; joined in pieces of at most
+        ``PIECE_BYTES`` (or one larger frame). May raise ``OwnerLost``."""
+        ...
+
+    async def end_orphan(self, sid: str, last: int, frames: list[bytes], end: str) -> bool:
+        """End the log of a stream whose owner is gone with ``frames`` (numbered from
+        ``last + 1``), only if frame ``last`` is still its last and it has no end: a stream
+        never gets two endings. Whether they were logged."""
         ...
 
     async def has_reader(self, sid: str) -> bool:
@@ -72,12 +102,14 @@ class Store(Protocol):
 class Log:
     """One stream's frames in this process, and the readers waiting for more."""
 
-    __slots__ = ("client", "ended", "frames", "wake")
+    __slots__ = ("client", "end_at", "ended", "finish", "frames", "wake")
 
     def __init__(self, client: str) -> None:
         self.client = client
         self.frames: list[bytes] = []
         self.ended = False
+        self.finish: str | None = None
+        self.end_at = -1  # the terminator's number, once logged
         self.wake: asyncio.Event | None = None  # made only while a reader waits
 
     def notify(self) -> None:
@@ -86,21 +118,28 @@ class Log:
             self.wake = None
             wake.set()
 
-    def extend(self, frames: list[bytes], *, end: bool = False) -> None:
+    def extend(self, frames: list[bytes], end: str | None = None) -> None:
         self.frames.extend(frames)
-        # [DONE] is the end, whether or not marking it so (finish) succeeds.
-        if end or (frames and frames[-1].endswith(DONE_TAIL)):
-            self.ended = True
+        if end is not None:
+            # The terminator is the end, whether or not marking it so (finish) succeeds.
+            self.finish, self.end_at, self.ended = end, len(self.frames) - 1, True
         self.notify()
 
-    async def follow(self, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    def close(self) -> None:
+        self.ended = True
+        self.notify()
+
+    def meta(self) -> Meta:
+        return Meta(self.client, self.ended, len(self.frames) - 1, self.finish)
+
+    async def follow(self, after: int) -> AsyncGenerator[Entry, None]:
         frames = self.frames
         i = after + 1
         while True:
             n = len(frames)
             if i + 1 == n:  # live: the one new frame, as it is
                 i = n
-                yield n - 1, frames[n - 1]
+                yield n - 1, frames[n - 1], self.finish if n - 1 == self.end_at else None
             elif i < n:
                 # Catching up: pieces of at most PIECE_BYTES (or one larger frame), so
                 # that a reader that stops reading waits on its socket's flow control
@@ -111,7 +150,7 @@ class Log:
                     j += 1
                 data = frames[i] if j - i == 1 else b"".join(frames[i:j])
                 i = j
-                yield j - 1, data
+                yield j - 1, data, self.finish if j - 1 == self.end_at else None
             elif self.ended:
                 return
             else:
@@ -140,17 +179,19 @@ class MemoryStore:
         self._sweep()
         self._logs[sid] = Log(client)
 
-    async def append(self, sid: str, first: int, frames: list[bytes]) -> None:
-        self._logs[sid].extend(frames)
+    async def append(
+        self, sid: str, first: int, frames: list[bytes], end: str | None = None
+    ) -> None:
+        self._logs[sid].extend(frames, end)
 
     async def finish(self, sid: str) -> None:
         log = self._logs.get(sid)
         if log is not None:
-            log.extend([], end=True)
+            log.close()
             self._expiry.append((asyncio.get_running_loop().time() + self.ttl_s, sid))
 
-    async def fail(self, sid: str, first: int, frames: list[bytes]) -> None:
-        await self.append(sid, first, frames)
+    async def fail(self, sid: str, first: int, frames: list[bytes], end: str) -> None:
+        await self.append(sid, first, frames, end)
         await self.finish(sid)
 
     async def discard(self, sid: str) -> None:
@@ -159,13 +200,20 @@ class MemoryStore:
     async def meta(self, sid: str) -> Meta | None:
         self._sweep()
         log = self._logs.get(sid)
-        if log is None:
-            return None
-        return Meta(log.client, log.ended, len(log.frames) - 1)
+        return None if log is None else log.meta()
 
-    def follow(self, sid: str, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    def follow(self, sid: str, after: int) -> AsyncGenerator[Entry, None]:
         log = self._logs.get(sid)
         return _nothing() if log is None else log.follow(after)
+
+    async def end_orphan(self, sid: str, last: int, frames: list[bytes], end: str) -> bool:
+        # Every stream here is run by this process: never an orphan in practice,
+        # but the same rule as in Redis.
+        log = self._logs.get(sid)
+        if log is None or log.ended or len(log.frames) - 1 != last:
+            return False
+        await self.fail(sid, last + 1, frames, end)
+        return True
 
     async def has_reader(self, sid: str) -> bool:
         return False
@@ -184,6 +232,6 @@ class MemoryStore:
         self._logs.clear()
 
 
-async def _nothing() -> AsyncIterator[tuple[int, bytes]]:
+async def _nothing() -> AsyncGenerator[Entry, None]:
     return
     yield

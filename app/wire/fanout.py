@@ -1,4 +1,4 @@
-"""ChatEvents of several generations -> one SSE stream (``POST /chat/fanout``).
+"""Relay events of several generations -> one SSE stream (``POST /chat/fanout``).
 
 The simple protocol's events, each also carrying ``index`` (the model's
 position in the request's ``models``) and ``model`` (the name requested
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, assert_never
 
-from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
+from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
 from app.wire.simple import end_json
 from app.wire.sse import dumps, retry_hint
 
@@ -31,7 +31,7 @@ class FanoutEncoder:
             head += b"event: " + name + b"\n"
         return head + b"data: " + dumps(data) + b"\n\n"
 
-    def encode(self, index: int, batch: list[ChatEvent]) -> bytes:
+    def encode(self, index: int, batch: list[RelayEvent]) -> bytes:
         tag = {"index": index, "model": self.models[index]}
         out: list[bytes] = []
         for ev in batch:
@@ -54,14 +54,16 @@ class FanoutEncoder:
                     "answered_by": ev.model,
                 }
                 out.append(self._event(b"start", data))
+            elif isinstance(ev, Partial):
+                out.append(self._event(b"partial", {**tag, "object": ev.value}))
+            elif isinstance(ev, Parsed):
+                out.append(self._event(b"object", {**tag, "object": ev.value}))
             elif isinstance(ev, Error):
                 out.append(self._event(b"error", {**tag, **ev.error.in_band()}))
             elif isinstance(ev, End):
                 data = end_json(ev)
                 data["answered_by"] = data.pop("model")
                 out.append(self._event(b"end", {**tag, **data}))
-            elif isinstance(ev, Usage | Finish):
-                pass  # folded into End by the relay
             else:
                 assert_never(ev)
         return b"".join(out)

@@ -1,4 +1,4 @@
-"""ChatEvents -> OpenAI Chat Completions: ``chat.completion.chunk`` SSE, or one JSON.
+"""Relay events -> OpenAI Chat Completions: ``chat.completion.chunk`` SSE, or one JSON.
 
 The chunk envelope (id, created, model) is fixed for a stream, so it is
 rendered once and each token costs one small ``orjson.dumps`` of its delta.
@@ -11,8 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, assert_never
 
-from app.errors import GatewayError
-from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
+from app.errors import Cancelled, GatewayError
+from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
 from app.wire.sse import DONE, dumps
 
 # Finish reasons OpenAI clients know; the rest (cancelled, error, timeout) are
@@ -47,6 +47,15 @@ def _tool_delta(ev: ToolCallDelta) -> dict[str, Any]:
     return {"tool_calls": [call]}
 
 
+def _role_delta(batch: list[RelayEvent], start: Start) -> bytes:
+    """The first chunk's delta: ``content`` null when the answer opens with a tool call, as
+    OpenAI sends it (clients would show an empty text part otherwise)."""
+    at = next(i for i, ev in enumerate(batch) if ev is start)
+    if at + 1 < len(batch) and isinstance(batch[at + 1], ToolCallDelta):
+        return b'{"role":"assistant","content":null}'
+    return b'{"role":"assistant","content":""}'
+
+
 class OpenAIStreamEncoder:
     def __init__(self, *, model: str, include_usage: bool) -> None:
         self.id = completion_id()
@@ -67,7 +76,7 @@ class OpenAIStreamEncoder:
         )
         self._prefix = self._head + b',"choices":[{"index":0,"delta":'
 
-    def encode(self, batch: list[ChatEvent]) -> bytes:
+    def encode(self, batch: list[RelayEvent]) -> bytes:
         out: list[bytes] = []
         prefix = self._prefix
         for ev in batch:
@@ -80,14 +89,14 @@ class OpenAIStreamEncoder:
                     self._set_model(ev.model)
                     prefix = self._prefix
                 if not ev.continuation:  # the seam of a continued answer: only the model changes
-                    out.append(prefix + b'{"role":"assistant","content":""}' + _TAIL)
+                    out.append(prefix + _role_delta(batch, ev) + _TAIL)
+            elif isinstance(ev, Partial | Parsed):
+                pass  # structured output is the JSON text itself here
             elif isinstance(ev, Error):
                 self._errored = True
                 out.append(b"data: " + dumps(error_json(ev.error)) + b"\n\n")
             elif isinstance(ev, End):
                 out.append(self._end(ev))
-            elif isinstance(ev, Usage | Finish):
-                pass  # folded into End by the relay
             else:
                 assert_never(ev)
         return b"".join(out)
@@ -104,16 +113,13 @@ class OpenAIStreamEncoder:
                 + b'"}]}\n\n'
             )
         elif end.finish_reason == "cancelled" and not self._errored:
-            parts.append(
-                b'data: {"error":{"message":"the generation was cancelled",'
-                b'"type":"cancelled","code":"cancelled"}}\n\n'
-            )
+            parts.append(_CANCELLED)
         if self.include_usage:
             parts.append(self._head + b',"choices":[],"usage":' + dumps(usage_json(end)) + b"}\n\n")
         parts.append(DONE)
         return b"".join(parts)
 
-    async def stream(self, events: AsyncIterator[list[ChatEvent]]) -> AsyncIterator[bytes]:
+    async def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
         encode = self.encode
         async for batch in events:
             data = encode(batch)
@@ -126,8 +132,16 @@ def error_json(exc: GatewayError) -> dict[str, Any]:
     return {"error": {"message": err["message"], "type": err["type"], "code": err["code"]}}
 
 
+# What an OpenAI client reads when a generation was stopped without an error.
+_CANCELLED = (
+    b"data: "
+    + dumps(error_json(Cancelled("the generation was cancelled", code="cancelled")))
+    + b"\n\n"
+)
+
+
 async def collect_completion(
-    events: AsyncIterator[list[ChatEvent]], *, model: str
+    events: AsyncIterator[list[RelayEvent]], *, model: str
 ) -> dict[str, Any]:
     """A whole (non-streamed) ``chat.completion``; a failure is raised, never half-returned."""
     text: list[str] = []
@@ -153,6 +167,8 @@ async def collect_completion(
                 raise ev.error
             elif isinstance(ev, End):
                 end = ev
+            elif isinstance(ev, Partial | Parsed):
+                pass
     assert end is not None  # the relay always ends with End
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if calls:

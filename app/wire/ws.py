@@ -1,4 +1,4 @@
-"""ChatEvents -> WebSocket JSON frames (``/ws/chat``): the simple protocol's events as objects.
+"""Relay events -> WebSocket JSON frames (``/ws/chat``): the simple protocol's events as objects.
 
 ``{"type": "start"|"content"|"tool_call"|"error"|"end", ...}``; the fields are
 the simple protocol's (API.md, "The simple stream").
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, assert_never
 
 from app.errors import GatewayError
-from app.events import ChatEvent, End, Error, Finish, Start, TextDelta, ToolCallDelta, Usage
+from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
 from app.wire.simple import end_json
 from app.wire.sse import dumps
 
@@ -25,7 +25,7 @@ def error_frame(exc: GatewayError) -> str:
     return frame("error", error=error)
 
 
-def frames(batch: list[ChatEvent], stream_id: str) -> list[str]:
+def frames(batch: list[RelayEvent], stream_id: str) -> list[str]:
     out: list[str] = []
     for ev in batch:
         if isinstance(ev, TextDelta):
@@ -41,12 +41,14 @@ def frames(batch: list[ChatEvent], stream_id: str) -> list[str]:
             if ev.continuation:
                 continue  # one start per request; its end names who finished
             out.append(frame("start", id=stream_id, model=ev.model, provider=ev.provider))
+        elif isinstance(ev, Partial):
+            out.append(frame("partial", object=ev.value))
+        elif isinstance(ev, Parsed):
+            out.append(frame("object", object=ev.value))
         elif isinstance(ev, Error):
             out.append(frame("error", **ev.error.in_band()))
         elif isinstance(ev, End):
             out.append(frame("end", **end_json(ev)))
-        elif isinstance(ev, Usage | Finish):
-            pass  # folded into End by the relay
         else:
             assert_never(ev)
     return out

@@ -16,11 +16,10 @@ target is asked to finish the partial answer and only what follows is
 relayed, so the client receives one whole answer; if that fails too, the
 client sees the original failure.
 
-Timeouts (first token, idle, total) are kept by one timer per stream that is
-re-armed only when it fires: the relay loop's only per-batch cost is storing
-the time of the last batch. A timer that finds its deadline passed cancels the
-task reading the stream, and the relay turns that cancellation into a
-``timeout`` ending (the same uncancel() dance as ``asyncio.timeout``).
+Timeouts (first token, idle, total) are ``app.relay.watchdog``'s. The
+relay reaches nothing above it: what it reports (metrics, the stream's log
+line) goes to the failover's ``Observer``, and what must happen when a
+generation is over (its concurrency slot, the running set) is ``on_close``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Literal
+from typing import assert_never
 
 from app.errors import (
     Cancelled,
@@ -38,144 +37,41 @@ from app.errors import (
     UpstreamTruncated,
 )
 from app.events import (
-    ChatEvent,
     End,
     Error,
     Finish,
     FinishReason,
+    ProviderEvent,
+    RelayEvent,
     Start,
     TextDelta,
     ToolCallDelta,
     Usage,
 )
-from app.failover import Failover, Limits, Opened, close_stream
+from app.failover import Failover, Opened, close_stream
+from app.relay.continuation import Continuation
+from app.relay.structured import Structured
+from app.relay.watchdog import Expiry, Watchdog
 
 log = logging.getLogger("app.relay")
-stream_log = logging.getLogger("app.stream")
 
 # After the finish reason, how long to wait for the usage and the end of the
 # upstream body before ending anyway (an upstream that never sends [DONE]).
 FINISH_TAIL_S = 1.0
-
-# "cancelled": the generation was stopped from outside (shutdown).
-Expiry = Literal["first_token", "idle", "total", "cancelled"]
-
-
-class Watchdog:
-    __slots__ = (
-        "_handle",
-        "_loop",
-        "attempt_start",
-        "expired",
-        "idle_s",
-        "interrupted",
-        "last",
-        "limits",
-        "paused",
-        "start",
-        "task",
-        "token",
-    )
-
-    def __init__(self, limits: Limits, start: float, attempt_start: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.start = start
-        self.task: asyncio.Task[object] | None = asyncio.current_task()
-        # True while the relay is handed over to its consumer (at a yield): a
-        # deadline then waits, so that it cancels the upstream read, never the
-        # client's send.
-        self.paused = False
-        self.interrupted = False
-        self.arm(limits, attempt_start)
-
-    def arm(self, limits: Limits, attempt_start: float) -> None:
-        """Watch a (new) attempt: first-token deadline from its start, total from the stream's."""
-        self.limits = limits
-        self.idle_s = limits.idle_s
-        self.attempt_start = attempt_start
-        self.last = self._loop.time()
-        self.token = False
-        self.expired: Expiry | None = None
-        self._handle = self._loop.call_at(self._deadline()[0], self._check)
-
-    def _deadline(self) -> tuple[float, Expiry]:
-        total = self.start + self.limits.total_s
-        if not self.token:
-            first = self.attempt_start + self.limits.first_token_s
-            return (first, "first_token") if first < total else (total, "total")
-        idle = self.last + self.idle_s
-        return (idle, "idle") if idle < total else (total, "total")
-
-    def _check(self) -> None:
-        deadline, kind = self._deadline()
-        now = self._loop.time()
-        if self.interrupted:
-            kind = "cancelled"
-        elif now < deadline:
-            self._handle = self._loop.call_at(deadline, self._check)
-            return
-        if self.paused:
-            self._handle = self._loop.call_at(now + 0.05, self._check)
-            return
-        self.expired = kind
-        if self.task is not None:
-            self.task.cancel()
-
-    def interrupt(self) -> None:
-        """Stop the stream from outside at the next safe point (never inside a send)."""
-        if self.task is None:
-            return  # already over
-        self.interrupted = True
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self._loop.time(), self._check)
-
-    def take_expiry(self) -> Expiry | None:
-        """After a CancelledError: which deadline caused it, if the cancellation was ours alone.
-
-        Our cancel() is undone exactly once; when someone else cancelled the
-        task too, None says: let the cancellation propagate.
-        """
-        kind, task = self.expired, self.task
-        if kind is None or task is None:
-            return None
-        self.expired = None
-        return kind if task.uncancel() == 0 else None
-
-    def rearm(self) -> None:
-        """The deadline moved earlier (first content: idle replaces first-token; the finish
-        tail): the lazy timer only ever moves later by itself."""
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self._deadline()[0], self._check)
-
-    def hold(self) -> None:
-        """Between attempts: no deadlines (failover keeps its own), but an interrupt lands."""
-        self._handle.cancel()
-        if self.interrupted:
-            self._handle = self._loop.call_at(self._loop.time(), self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-        self.task = None
 
 
 class Generation:
     """See the module docstring. ``model``/``provider`` name the answering target."""
 
     __slots__ = (
-        "_carry_input",
-        "_carry_output",
+        "_cont",
         "_deltas",
         "_first",
         "_fo",
         "_it",
         "_opened",
-        "_original",
-        "_original_target",
-        "_partial",
         "_start",
         "_stop",
-        "_tools_sent",
-        "_trim",
         "_wd",
         "finish",
         "first_token_at",
@@ -184,13 +80,14 @@ class Generation:
         "on_close",
         "output_tokens",
         "provider",
+        "shape",
     )
 
     def __init__(self, failover: Failover) -> None:
         self._fo = failover
         self._opened: Opened | None = None
-        self._it: AsyncIterator[list[ChatEvent]] | None = None
-        self._first: list[ChatEvent] = []
+        self._it: AsyncIterator[list[ProviderEvent]] | None = None
+        self._first: list[ProviderEvent] = []
         self._wd: Watchdog | None = None
         self.model = ""
         self.provider = ""
@@ -199,19 +96,13 @@ class Generation:
         self.output_tokens: int | None = None
         self.first_token_at: float | None = None
         self._start: Start | None = None  # held back until the first content
-        # Continuation: the text sent so far (only when the alias allows it),
-        # and what a continuing attempt must account for.
-        self._partial: list[str] | None = [] if failover.route.continue_on_failure else None
-        self._tools_sent = False
-        self._original: GatewayError | None = None
-        self._original_target = ("", "")
-        self._trim = ""
-        self._carry_output = 0
+        self._cont = Continuation() if failover.route.continue_on_failure else None
         self._deltas = 0  # content events relayed: stands in for an unreported output count
-        self._carry_input: int | None = None
         self._stop: GatewayError | None = None  # set by stop(): ends as cancelled
-        # Called once when the generation is over (frees its concurrency slot).
+        # Called once when the generation is over (the dispatcher frees its ticket).
         self.on_close: Callable[[], Awaitable[None]] | None = None
+        # Structured output's partial and final objects, for the routes that send them.
+        self.shape: Structured | None = None
 
     @property
     def request_id(self) -> str:
@@ -251,7 +142,7 @@ class Generation:
         }[kind]
         return UpstreamTimeout(f"provider '{self.provider}': {what}", phase=kind)
 
-    def _scan(self, batch: list[ChatEvent]) -> list[ChatEvent]:
+    def _scan(self, batch: list[ProviderEvent]) -> list[RelayEvent]:
         """Relay content as it is; take Usage/Finish out (End reports them)."""
         wd = self._wd
         assert wd is not None
@@ -262,23 +153,16 @@ class Generation:
             if cls is not TextDelta and cls is not ToolCallDelta:
                 return self._scan_slow(batch)
         self._deltas += len(batch)
-        if self._partial is not None:
-            self._record(batch)
-        return batch
+        content: list[RelayEvent] = batch  # type: ignore[assignment]  # checked just above
+        if self._cont is not None:
+            self._cont.record(content)  # type: ignore[arg-type]
+        return content
 
-    def _record(self, batch: list[ChatEvent]) -> None:
-        """Keep the text sent so far (only when the alias allows continuation)."""
-        assert self._partial is not None
-        for ev in batch:
-            if isinstance(ev, TextDelta):
-                self._partial.append(ev.text)
-            else:
-                self._tools_sent = True
-
-    def _scan_slow(self, batch: list[ChatEvent]) -> list[ChatEvent]:
+    def _scan_slow(self, batch: list[ProviderEvent]) -> list[RelayEvent]:
         wd = self._wd
         assert wd is not None
-        out: list[ChatEvent] = []
+        cont = self._cont
+        out: list[RelayEvent] = []
         for ev in batch:
             if isinstance(ev, TextDelta | ToolCallDelta):
                 if not wd.token:
@@ -289,11 +173,8 @@ class Generation:
                     if self._start is not None:
                         out.append(self._start)
                         self._start = None
-                if isinstance(ev, TextDelta):
-                    if self._partial is not None:
-                        self._partial.append(ev.text)
-                else:
-                    self._tools_sent = True
+                if cont is not None:
+                    cont.add(ev)
                 self._deltas += 1
                 out.append(ev)
             elif isinstance(ev, Usage):
@@ -312,10 +193,10 @@ class Generation:
                 ev.model = self.model
                 ev.provider = self.provider
                 # A continuation's Start marks the seam (sent before its first content).
-                ev.continuation = self._original is not None
+                ev.continuation = cont is not None and cont.original is not None
                 self._start = ev
             else:
-                out.append(ev)
+                assert_never(ev)
         return out
 
     def _got_content(self) -> None:
@@ -328,11 +209,11 @@ class Generation:
 
     def _first_content(self, ev: TextDelta | ToolCallDelta) -> TextDelta | ToolCallDelta | None:
         """An attempt's first content; a continuation's seam is trimmed of repeated whitespace."""
-        trim, self._trim = self._trim, ""
-        if trim and isinstance(ev, TextDelta) and ev.text.startswith(trim):
-            ev = TextDelta(ev.text[len(trim) :])
-            if not ev.text:
+        if self._cont is not None:
+            found = self._cont.first(ev)
+            if found is None:
                 return None
+            ev = found
         self._got_content()
         return ev
 
@@ -340,8 +221,11 @@ class Generation:
         fo = self._fo
         ttft = self.first_token_at
         output = self.output_tokens
-        if self._original is not None:  # a continued answer: both attempts' output
-            output = self._carry_output + (output or 0)
+        cont = self._cont
+        continued = cont is not None and cont.original is not None
+        if continued:  # a continued answer: both attempts' output
+            assert cont is not None
+            output = cont.carry_output + (output or 0)
         elif output is None and reason in ("cancelled", "error", "timeout") and self._deltas:
             # Cut short before the provider's count came: one token per delta.
             output = self._deltas
@@ -349,8 +233,9 @@ class Generation:
         # prompt holds the partial answer), whatever the providers; a failed
         # continuation is reported as the first attempt (target, error, input).
         inp = self.input_tokens
-        if inp is None and self._original is not None:
-            inp = self._carry_input
+        if inp is None and continued:
+            assert cont is not None
+            inp = cont.carry_input
         end = End(
             finish_reason=reason,
             input_tokens=inp,
@@ -361,52 +246,21 @@ class Generation:
             duration_ms=round((fo.loop.time() - fo.start) * 1000),
             attempts=fo.records,
         )
-        self._report(end)
+        opened = self._opened
+        fo.observer.ended(end, fo.request, None if opened is None else opened.target)
         return end
 
-    def _report(self, end: End) -> None:
-        """The stream's one summary: metrics and a log line (ids and numbers, never text)."""
-        fo = self._fo
-        router = fo.router
-        opened = self._opened
-        model = router.metric_key(opened.target) if opened is not None else end.model
-        endpoint = fo.request.endpoint
-        m = router.metrics
-        m.streams.labels(endpoint, model, end.provider, end.finish_reason).inc()
-        if end.ttft_ms is not None:
-            m.ttft.labels(model).observe(end.ttft_ms / 1000)
-        m.duration.labels(model).observe(end.duration_ms / 1000)
-        if end.input_tokens:
-            m.tokens.labels(model, "input").inc(end.input_tokens)
-        if end.output_tokens:
-            m.tokens.labels(model, "output").inc(end.output_tokens)
-        if stream_log.isEnabledFor(logging.INFO):
-            stream_log.info(
-                "stream %s %s",
-                end.finish_reason,
-                end.model,
-                extra={
-                    "fields": {
-                        "request_id": fo.request.request_id,
-                        "route": endpoint,
-                        "model": end.model,
-                        "provider": end.provider,
-                        "outcome": end.finish_reason,
-                        "ttft_ms": end.ttft_ms,
-                        "duration_ms": end.duration_ms,
-                        "input_tokens": end.input_tokens,
-                        "output_tokens": end.output_tokens,
-                        "attempts": len(end.attempts),
-                    }
-                },
-            )
+    def events(self) -> AsyncGenerator[list[RelayEvent], None]:
+        """The event batches (see the module docstring), shaped when ``shape`` is set."""
+        relay = self._relay()
+        return relay if self.shape is None else self.shape.over(relay)
 
-    async def events(self) -> AsyncGenerator[list[ChatEvent], None]:
+    async def _relay(self) -> AsyncGenerator[list[RelayEvent], None]:
         opened = self._opened
         assert opened is not None
         fo = self._fo
         loop = fo.loop
-        wd = self._wd = Watchdog(opened.limits, fo.start, opened.started)
+        wd = self._wd = Watchdog(opened.timeouts, fo.start, opened.started)
         if self._stop is not None:
             wd.interrupt()
         failure: GatewayError | None = None
@@ -487,16 +341,17 @@ class Generation:
                 if nxt is None:
                     break
                 self._use(nxt)
-                wd.arm(nxt.limits, nxt.started)
+                wd.arm(nxt.timeouts, nxt.started)
         finally:
             wd.stop()
             await self.aclose()
         if failure is not None:
-            if self._original is not None and failure is not self._stop:
+            cont = self._cont
+            if cont is not None and cont.original is not None and failure is not self._stop:
                 # A failed continuation reports the first failure, and its target.
-                failure = self._original
-                self.model, self.provider = self._original_target
-                self.input_tokens = self._carry_input
+                failure = cont.original
+                self.model, self.provider = cont.original_target
+                self.input_tokens = cont.carry_input
             reason: FinishReason = "timeout" if isinstance(failure, UpstreamTimeout) else "error"
             if failure is self._stop:
                 # A stop by the client or a shutdown ends "cancelled"; one forced by a
@@ -510,7 +365,7 @@ class Generation:
             assert self.finish is not None
             yield self._held([self.end(self.finish)])
 
-    def _held(self, batch: list[ChatEvent]) -> list[ChatEvent]:
+    def _held(self, batch: list[RelayEvent]) -> list[RelayEvent]:
         """An ending batch, behind the Start if none was sent (no content came)."""
         start, self._start = self._start, None
         return batch if start is None or start.continuation else [start, *batch]
@@ -526,32 +381,19 @@ class Generation:
                 return await fo.after(failure), failure
             except GatewayError as final:
                 return None, final
-        partial = self._partial
-        if (
-            partial is None
-            or self._original is not None
-            or self._tools_sent
-            or not failure.is_retryable
-            or (isinstance(failure, UpstreamTimeout) and failure.phase == "total")
-        ):
+        cont = self._cont
+        if cont is None:
             return None, failure
-        # Output tokens are rarely reported before a cut (Anthropic's count at
-        # message_start is 1): text deltas stand in.
-        so_far = max(len(partial), self.output_tokens or 0)
-        budget = fo.request.max_tokens
-        if budget is not None and so_far >= budget:
-            return None, failure  # the answer had already used its max_tokens
-        found = await fo.continuation("".join(partial), so_far)
-        if found is None:
-            return None, failure
-        opened, self._trim = found
-        self._original = failure
-        self._original_target = (self.model, self.provider)
-        self._carry_output = so_far
-        self._carry_input = self.input_tokens
+        opened = await cont.take_over(
+            fo,
+            failure,
+            target=(self.model, self.provider),
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+        )
         return opened, failure
 
-    async def _drain(self, it: AsyncIterator[list[ChatEvent]]) -> None:
+    async def _drain(self, it: AsyncIterator[list[ProviderEvent]]) -> None:
         """Read the upstream body to its end (within the finish tail): the connection is reused."""
         wd = self._wd
         assert wd is not None
@@ -565,7 +407,6 @@ class Generation:
             pass
 
     async def aclose(self) -> None:
-        self._fo.router.active.discard(self)
         if self._wd is not None:
             self._wd.stop()
         opened = self._opened
@@ -575,7 +416,7 @@ class Generation:
             if self._it is not None:
                 await close_stream(self._it)
         finally:
-            # Last: freeing the slot may wait on Redis; the upstream is closed first.
+            # Last (it frees the slot, which may wait on Redis): the upstream is closed first.
             on_close, self.on_close = self.on_close, None
             if on_close is not None:
                 await on_close()

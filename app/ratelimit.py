@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from app.config import Settings
 from app.errors import RateLimited
+from app.sharedstate import unavailable
 
 WINDOW_S = 60.0
 
@@ -170,8 +171,6 @@ class RedisLimits:
         self._admit = r.register_script(_ADMIT)
 
     async def admit(self, client: str) -> Slot:
-        from app.streams.redis_store import unavailable
-
         if self.rpm is None and self.cap is None:
             return NO_SLOT
         member = secrets.token_hex(8)

@@ -1,0 +1,69 @@
+"""What failover and the relay report, turned into metrics and the stream's log line.
+
+``Telemetry`` is the ``app.failover.Observer`` the dispatcher hands down: the
+relay and failover call it and know nothing of Prometheus or logging. Targets
+are labelled by ``Router.metric_key`` (configured targets by name, client-chosen
+ids of an open provider under ``provider/*``), so label sets stay bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.events import End
+from app.metrics import Metrics
+from app.requests import ChatRequest
+from app.routing import Router, Target
+
+stream_log = logging.getLogger("app.stream")
+
+
+class Telemetry:
+    __slots__ = ("key", "metrics")
+
+    def __init__(self, metrics: Metrics, router: Router) -> None:
+        self.metrics = metrics
+        self.key = router.metric_key
+
+    def attempt(self, target: Target) -> None:
+        self.metrics.attempts.labels(self.key(target)).inc()
+
+    def retry(self, target: Target) -> None:
+        self.metrics.retries.labels(self.key(target)).inc()
+
+    def fallback(self, source: Target, target: Target) -> None:
+        self.metrics.fallbacks.labels(self.key(source), self.key(target)).inc()
+
+    def ended(self, end: End, request: ChatRequest, target: Target | None) -> None:
+        """The stream's one summary: metrics and a log line (ids and numbers, never text)."""
+        model = self.key(target) if target is not None else end.model
+        endpoint = request.endpoint
+        m = self.metrics
+        m.streams.labels(endpoint, model, end.provider, end.finish_reason).inc()
+        if end.ttft_ms is not None:
+            m.ttft.labels(model).observe(end.ttft_ms / 1000)
+        m.duration.labels(model).observe(end.duration_ms / 1000)
+        if end.input_tokens:
+            m.tokens.labels(model, "input").inc(end.input_tokens)
+        if end.output_tokens:
+            m.tokens.labels(model, "output").inc(end.output_tokens)
+        if stream_log.isEnabledFor(logging.INFO):
+            stream_log.info(
+                "stream %s %s",
+                end.finish_reason,
+                end.model,
+                extra={
+                    "fields": {
+                        "request_id": request.request_id,
+                        "route": endpoint,
+                        "model": end.model,
+                        "provider": end.provider,
+                        "outcome": end.finish_reason,
+                        "ttft_ms": end.ttft_ms,
+                        "duration_ms": end.duration_ms,
+                        "input_tokens": end.input_tokens,
+                        "output_tokens": end.output_tokens,
+                        "attempts": len(end.attempts),
+                    }
+                },
+            )
