@@ -8,6 +8,7 @@ from typing import TypeVar
 import pytest
 
 from tests.fakes import AnthropicFake, FakeServer, OpenAIFake
+from tests.fakes.gemini import GeminiFake
 from tests.redis_server import RedisServer
 
 F = TypeVar("F", bound=FakeServer)
@@ -32,6 +33,12 @@ def openai_fake() -> Iterator[OpenAIFake]:
 def anthropic_fake() -> Iterator[AnthropicFake]:
     """A started AnthropicFake; pass ``anthropic_fake.base_url`` as the SDK's base_url."""
     yield from _run(AnthropicFake())
+
+
+@pytest.fixture
+def gemini_fake() -> Iterator[GeminiFake]:
+    """A started GeminiFake; pass ``gemini_fake.base_url`` as the provider's base_url."""
+    yield from _run(GeminiFake())
 
 
 @pytest.fixture(scope="session")
