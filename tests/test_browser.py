@@ -527,3 +527,35 @@ def test_compare_is_off_with_one_listed_model(
         tab.assert_clean()
     finally:
         tab.context.close()
+
+
+def test_the_page_shows_a_structured_answer_filling_in(tab: Page, openai_fake: Any) -> None:
+    pieces = ['{"city": "Pa', 'ris", "popu', 'lation": 2100000}']
+    openai_fake.default = Scenario(chunks=pieces, interval=0.3)
+    tab.open()
+    tab.page.click("#schema-box summary")
+    schema = (
+        '{"type": "object", "required": ["city", "population"], "properties": '
+        '{"city": {"type": "string"}, "population": {"type": "integer"}}}'
+    )
+    tab.page.fill("#schema", schema)
+    tab.ask("Paris?")
+    shown = tab.page.locator(".object")
+    seen: list[str] = []
+
+    def complete() -> bool:
+        text = str(shown.inner_text()) if shown.is_visible() else ""
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        return shown.get_attribute("data-state") == "complete"
+
+    tab.poll(complete)
+    assert '"city": "Pa"' in seen[0]  # the partial object, before the rest came
+    assert '"population": 2100000' in seen[-1]
+    sent = openai_fake.attempts[-1].body["response_format"]
+    assert sent["json_schema"]["schema"]["required"] == ["city", "population"]
+    tab.wait_status("done")
+
+    tab.page.fill("#schema", "{not json")
+    tab.page.click("#send")
+    assert "not valid JSON" in tab.text("#form-error")

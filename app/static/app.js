@@ -11,6 +11,7 @@ const compareList = $("#compare-list");
 const compareNote = $("#compare-note");
 const compareToggle = $("#compare-toggle");
 const promptBox = $("#prompt");
+const schemaBox = $("#schema");
 const sendButton = $("#send");
 const stopButton = $("#stop");
 const formError = $("#form-error");
@@ -122,6 +123,7 @@ function makePanel(model, index) {
     status: el.querySelector(".status"),
     error: el.querySelector(".error"),
     stats: el.querySelector(".stats"),
+    object: el.querySelector(".object"),
     text: "",
     frame: 0,
     stick: true, // follow the text while the reader is at the bottom
@@ -243,11 +245,36 @@ function busy(on) {
   document.body.dataset.busy = on ? "true" : "false";
 }
 
+// Structured output: the object as it fills in (partial), then checked (object).
+function showObject(panel, ev) {
+  if (ev.event !== "partial" && ev.event !== "object") return;
+  panel.object.hidden = false;
+  panel.object.dataset.state = ev.event === "object" ? "complete" : "partial";
+  panel.object.textContent = JSON.stringify(ev.data.object, null, 2);
+}
+
+// The schema box's JSON as a response_format; null when empty, undefined when invalid.
+function responseFormat() {
+  const raw = schemaBox.value.trim();
+  if (!raw) return null;
+  try {
+    const schema = JSON.parse(raw);
+    return { type: "json_schema", json_schema: { name: "answer", schema } };
+  } catch {
+    return undefined;
+  }
+}
+
 async function send() {
   const prompt = promptBox.value.trim();
   formError.textContent = "";
   if (!prompt) {
     formError.textContent = "Write a prompt first.";
+    return;
+  }
+  const format = responseFormat();
+  if (format === undefined) {
+    formError.textContent = "The JSON schema is not valid JSON.";
     return;
   }
   const compare = compareBox.checked;
@@ -265,9 +292,9 @@ async function send() {
   busy(true);
   try {
     if (compare) {
-      await runFanout(prompt, models, signal);
+      await runFanout(prompt, models, signal, format);
     } else {
-      await runSingle(prompt, models[0], signal);
+      await runSingle(prompt, models[0], signal, format);
     }
   } finally {
     busy(false);
@@ -275,10 +302,11 @@ async function send() {
   }
 }
 
-async function runSingle(prompt, model, signal) {
+async function runSingle(prompt, model, signal, format) {
   const panel = panels[0];
   const body = { prompt };
   if (model) body.model = model;
+  if (format) body.response_format = format;
   try {
     const { end, error } = await streamChat(body, {
       signal,
@@ -286,6 +314,7 @@ async function runSingle(prompt, model, signal) {
       onToken: (piece) => addText(panel, piece),
       onEvent: (ev) => {
         if (ev.event === "start") setStatus(panel, "streaming");
+        showObject(panel, ev);
       },
     });
     finishPanel(panel, end, error);
@@ -311,10 +340,12 @@ function queueBehind(running) {
   }
 }
 
-async function runFanout(prompt, models, signal) {
+async function runFanout(prompt, models, signal, format) {
+  const body = { prompt, models };
+  if (format) body.response_format = format;
   try {
     const { results } = await streamFanout(
-      { prompt, models },
+      body,
       {
         signal,
         headers: authHeaders(),
@@ -326,6 +357,7 @@ async function runFanout(prompt, models, signal) {
             setStatus(panel, "streaming");
             if (localIds.has(panel.el.dataset.model)) queueBehind(panel);
           } else if (ev.event === "end") finishPanel(panel, ev.data, null);
+          else if (ev.event === "partial" || ev.event === "object") showObject(panel, ev);
           else if (ev.event === "error") {
             const e = ev.data.error || {};
             showError(panel, `${e.message || "error"}${e.code ? ` (${e.code})` : ""}`);
