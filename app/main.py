@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,8 +20,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from app.api import chat, fanout, health, messages, openai, page, ws
-from app.api import responses
+from app.api import chat, fanout, health, messages, openai, page, responses, ws
 from app.api import streams as streams_api
 from app.api.deps import GatewayState, describe
 from app.capacity import Capacity
@@ -38,6 +37,7 @@ from app.routing import Router, Target
 from app.shutdown import Drain
 from app.streams import make_streams
 from app.upstreams import Upstreams
+from app.wire.anthropic import error_body as anthropic_error_body
 from app.wire.simple import SimpleLog
 
 log = logging.getLogger("app")
@@ -47,9 +47,15 @@ def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Re
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+# Error bodies in the shape of the protocol a path speaks; OpenAI's everywhere else.
+ERROR_BODIES: dict[str, Callable[[GatewayError], bytes]] = {"/v1/messages": anthropic_error_body}
+
+
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return _json(exc.http_status, exc.json_bytes(), exc.headers())
+    render = ERROR_BODIES.get(request.url.path)
+    body = exc.json_bytes() if render is None else render(exc)
+    return _json(exc.http_status, body, exc.headers())
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -132,7 +138,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starting = [asyncio.create_task(p.start()) for p in providers.values()]
+        starting = [
+            asyncio.create_task(p.start(warm=router.names_provider(name)))
+            for name, p in providers.items()
+        ]
         drain.install()
         streams.start_listening()
         try:
@@ -182,7 +191,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # wildcard origin must never be combined with credentials.
             allow_credentials="*" not in origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Last-Event-ID",
+                "X-Request-ID",
+                # Anthropic's SDKs (POST /v1/messages)
+                "x-api-key",
+                "anthropic-version",
+                "anthropic-beta",
+            ],
             expose_headers=["X-Request-ID", "Retry-After", "Location"],
             max_age=600,
         )
