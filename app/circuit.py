@@ -119,10 +119,10 @@ class Circuits:
         breakers = self.breakers
         breaker = breakers.get(target)
         if breaker is None:
+            if len(breakers) >= self.max_targets:
+                self._evict()  # before the insert: the new breaker is never the one evicted
             breaker = Breaker(self.threshold, self.cooldown_s, self.clock)
             breakers[target] = breaker
-            if len(breakers) > self.max_targets:
-                self._evict()
         else:
             breakers.move_to_end(target)
         return breaker

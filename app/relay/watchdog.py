@@ -101,9 +101,11 @@ class Watchdog:
 
     def rearm(self) -> None:
         """The deadline moved earlier (first content: idle replaces first-token; the finish
-        tail): the lazy timer only ever moves later by itself."""
+        tail): the lazy timer only ever moves later by itself. A pending interrupt stays
+        due at once."""
         self._handle.cancel()
-        self._handle = self._loop.call_at(self._deadline()[0], self._check)
+        when = self._loop.time() if self.interrupted else self._deadline()[0]
+        self._handle = self._loop.call_at(when, self._check)
 
     def hold(self) -> None:
         """Between attempts: no deadlines (failover keeps its own), but an interrupt lands."""
