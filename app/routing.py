@@ -66,6 +66,11 @@ class Router:
             self._configured.add(self.default_model)
         self._check_config()
 
+    def names_provider(self, provider: str) -> bool:
+        """Whether the default model or an alias target is on ``provider`` (traffic is
+        expected there before any client names it)."""
+        return any(name.partition("/")[0] == provider for name in self._configured)
+
     def metric_key(self, target: Target) -> str:
         """A target's metric label: itself when configured, else ``provider/*``.
 

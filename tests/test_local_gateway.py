@@ -141,3 +141,28 @@ def test_the_readmes_first_curl_gets_a_sensible_answer_that_stops(gw):
     end = orjson.loads(datas[-2])
     assert "Paris" in text
     assert end["finish_reason"] == "stop" and end["usage"]["output_tokens"] < 60
+
+
+def test_a_gateway_whose_routes_do_not_name_the_model_loads_it_on_first_use(
+    make_gateway, openai_fake
+):
+    """Memory is not paid for nothing: with another default model, the embedded one is
+    loaded by the first request that names it, not at start."""
+    gw = make_gateway(
+        openai_fake=openai_fake, local_enabled=True, default_model="openai/gpt-4o-mini"
+    )
+    local = gw.app.state.gateway.upstreams.providers["local"]
+    ready = httpx.get(gw.url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["providers"]["local"] == "ready"
+    assert local.loaded() is None
+    assert httpx.post(gw.url + "/chat/stream", json={"prompt": "hi"}, timeout=10).is_success
+    assert local.loaded() is None  # the default model's traffic does not load it
+    events = read_sse(
+        httpx.post(
+            gw.url + "/chat/stream",
+            json={"model": SMOL, "prompt": "The sea is", "max_tokens": 4},
+            timeout=60,
+        )
+    )
+    assert events[-2].json()["finish_reason"] in ("stop", "length")
+    assert local.loaded() is not None

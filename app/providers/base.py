@@ -37,8 +37,10 @@ class Provider(Protocol):
         """Whether it can take requests now (``/readyz``); HTTP providers always can."""
         ...
 
-    async def start(self) -> None:
-        """Prepare at app start (load a local model); a no-op for HTTP providers."""
+    async def start(self, *, warm: bool) -> None:
+        """At app start. ``warm``: a configured route names this provider (the default
+        model, an alias target), so prepare now (load a local model); otherwise prepare on
+        first use, and hold nothing until then. A no-op for HTTP providers."""
         ...
 
     def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]: ...

@@ -495,7 +495,7 @@ class GeminiProvider:
 
     ready = True  # nothing to load: every request connects on its own
 
-    async def start(self) -> None:
+    async def start(self, *, warm: bool) -> None:
         return None
 
     async def aclose(self) -> None:

@@ -615,6 +615,7 @@ class LocalProvider:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._loaded: dict[str, _Loaded] = {}
+        self._warm = True  # start() says whether the default model is loaded up front
         self._load_lock = threading.Lock()  # one load at a time
         self._free_lock = threading.Lock()  # freeing a model waits for tokenizing
         self._gate = _Gate(settings.local_max_waiting)
@@ -627,8 +628,9 @@ class LocalProvider:
 
     @property
     def ready(self) -> bool:
-        """The default model is loaded (the others load on first use)."""
-        return LOCAL_MODEL_ID in self._loaded and not self._closed
+        """Not closed, and the default model loaded if it was to be warm; a model nothing
+        names loads on its first request instead (the process holds none until then)."""
+        return not self._closed and (not self._warm or LOCAL_MODEL_ID in self._loaded)
 
     @property
     def busy(self) -> bool:
@@ -644,10 +646,11 @@ class LocalProvider:
         found = self._loaded.get(model)
         return None if found is None else found.llm
 
-    async def start(self) -> None:
-        """Load the default model (in a worker thread); a no-op once loaded."""
+    async def start(self, *, warm: bool = True) -> None:
+        """Load the default model (in a worker thread) when ``warm``; a no-op once loaded."""
         self._closed = False
-        if LOCAL_MODEL_ID not in self._loaded:
+        self._warm = warm
+        if warm and LOCAL_MODEL_ID not in self._loaded:
             await asyncio.to_thread(self._load, MODELS[LOCAL_MODEL_ID])
 
     def _load(self, spec: LocalModel) -> _Loaded:

@@ -115,7 +115,7 @@ class OpenAIProvider:
 
     ready = True  # nothing to load: every request connects on its own
 
-    async def start(self) -> None:
+    async def start(self, *, warm: bool) -> None:
         return None
 
     async def aclose(self) -> None:
