@@ -192,3 +192,53 @@ def test_the_websocket_python_example_prints_the_answer(local_gateway, openai_fa
     done = run_python(bad.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("\n[error: ") and "max_tokens" in done.stdout
+
+
+def run_sh(code: str, gw) -> subprocess.CompletedProcess[str]:
+    assert "http://127.0.0.1:8000" in code
+    return subprocess.run(
+        ["bash", "-c", code.replace("http://127.0.0.1:8000", gw.url)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+CITY_JSON = ['{"city": "Paris", ', '"country": "France", ', '"population": 2148000}']
+
+
+def test_the_responses_python_example_streams_and_parses(local_gateway, openai_fake):
+    openai_fake.default = Scenario(chunks=CITY_JSON, interval=0.01)
+    code = example("## OpenAI's Responses API", "python")
+    port = local_gateway.url.rsplit(":", 1)[1]
+    done = run_python(code.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "".join(CITY_JSON)  # the streamed text
+    assert lines[1].startswith("completed ")
+    assert lines[2] == "city='Paris' country='France'"  # responses.parse's object
+
+
+def test_the_messages_examples_stream_and_answer(local_gateway, openai_fake):
+    openai_fake.default = Scenario(chunks=["Paris ", "is the capital."], interval=0.01)
+    done = run_sh(example("## Anthropic's Messages API", "sh"), local_gateway)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.index("event: message_start") < done.stdout.index("event: message_stop")
+    assert '"stop_reason":"end_turn"' in done.stdout
+    assert '{"id":"msg_' in done.stdout  # the second command's one message
+    code = example("## Anthropic's Messages API", "python")
+    port = local_gateway.url.rsplit(":", 1)[1]
+    done = run_python(code.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == ["Paris is the capital.", "end_turn 11 2"]
+
+
+def test_the_structured_output_curl_example_ends_with_the_object(local_gateway, openai_fake):
+    openai_fake.default = Scenario(chunks=CITY_JSON[::2], interval=0.01)
+    done = run_sh(example("## Structured output", "sh"), local_gateway)
+    assert done.returncode == 0, done.stderr
+    assert "event: partial" in done.stdout
+    obj = re.search(r"^event: object\ndata: (.*)$", done.stdout, re.M)
+    assert obj is not None, done.stdout
+    assert json.loads(obj.group(1))["object"] == {"city": "Paris", "population": 2148000}
