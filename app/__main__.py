@@ -11,7 +11,7 @@ import uvicorn
 
 from app.config import SettingsError, load_settings
 from app.logs import configure as configure_logs
-from app.server import uvicorn_options
+from app.server import freeze_heap, uvicorn_options
 
 
 def _is_loopback(host: str) -> bool:
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One process: this app. --workers N: each worker builds its own (app.server).
     options = uvicorn_options(settings, app if args.workers == 1 else None)
+    if args.workers == 1:
+        freeze_heap()
     uvicorn.run(host=args.host, port=args.port, workers=args.workers, **options)
     return 0
 

@@ -18,12 +18,12 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
+    Authed,
     RequestId,
     State,
     check_model_names,
     client_id,
     json_body,
-    require_key,
     require_key_or_token,
     start_generation,
     validate,
@@ -39,8 +39,9 @@ from app.wire.sse import sse_response
 router = APIRouter()
 
 
-@router.post("/chat/stream", dependencies=[Depends(require_key)])
-async def chat_stream_post(request: Request, state: State, rid: RequestId) -> Response:
+@router.post("/chat/stream")
+async def chat_stream_post(request: Request, call: Authed) -> Response:
+    state, rid = call.state, call.rid
     body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)
     chat = body.to_request(rid, "/chat/stream")

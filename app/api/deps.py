@@ -118,6 +118,35 @@ async def require_key(request: Request) -> None:
     _check(request)
 
 
+@dataclass(slots=True)
+class Call:
+    """An authenticated request's context: one dependency where a hot route would otherwise
+    resolve three (auth, state, request id), each a few tens of µs in FastAPI."""
+
+    state: GatewayState
+    rid: str
+    client: str
+
+
+def _call(request: Request) -> Call:
+    scope_state = request.scope["state"]
+    return Call(request.app.state.gateway, scope_state["request_id"], scope_state["client"])
+
+
+async def authed(request: Request) -> Call:
+    _check(request)
+    return _call(request)
+
+
+async def authed_x_api_key(request: Request) -> Call:
+    _check(request, x_api_key=True)
+    return _call(request)
+
+
+Authed = Annotated[Call, Depends(authed)]
+AuthedXApiKey = Annotated[Call, Depends(authed_x_api_key)]
+
+
 async def require_key_or_token(request: Request) -> None:
     _check(request, allow_query=True)
 

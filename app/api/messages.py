@@ -32,17 +32,15 @@ from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    RequestId,
-    State,
+    AuthedXApiKey,
     client_id,
     json_body,
-    require_key_or_x_api_key,
     start_generation,
     validate,
     while_connected,
@@ -55,7 +53,7 @@ from app.wire.sse import dumps, sse_response
 
 ENDPOINT = "/v1/messages"
 
-router = APIRouter(dependencies=[Depends(require_key_or_x_api_key)])
+router = APIRouter()
 
 
 def _tag(value: Any) -> str | None:
@@ -307,7 +305,8 @@ class MessagesBody(_Body):
 
 
 @router.post(ENDPOINT)
-async def create_message(request: Request, state: State, rid: RequestId) -> Response:
+async def create_message(request: Request, call: AuthedXApiKey) -> Response:
+    state, rid = call.state, call.rid
     body = validate(MessagesBody, await json_body(request))
     route = state.router.resolve(body.model)
     chat = body.to_request(rid)

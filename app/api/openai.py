@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    RequestId,
+    Authed,
     State,
     client_id,
     json_body,
@@ -26,11 +26,12 @@ from app.relay import Generation
 from app.wire.openai import OpenAIStreamEncoder, collect_completion
 from app.wire.sse import dumps, sse_response
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, state: State, rid: RequestId) -> Response:
+async def chat_completions(request: Request, call: Authed) -> Response:
+    state, rid = call.state, call.rid
     body = validate(ChatCompletionBody, await json_body(request))
     route = state.router.resolve(body.model)
     chat = body.to_request(rid, "/v1/chat/completions")
@@ -59,7 +60,7 @@ async def complete(open_: Awaitable[Generation]) -> dict[str, Any]:
         await gen.aclose()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_key)])
 async def list_models(state: State) -> Response:
     """Configured models and aliases, then what each open-ended provider's upstream lists."""
     created = int(time.time())

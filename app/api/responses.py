@@ -22,18 +22,16 @@ from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    RequestId,
-    State,
+    Authed,
     client_id,
     describe,
     json_body,
-    require_key,
     start_generation,
     validate,
     while_connected,
@@ -45,7 +43,7 @@ from app.requests import ChatRequest
 from app.wire.responses import ResponsesStreamEncoder, collect_response
 from app.wire.sse import dumps, sse_response
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()
 
 ENDPOINT = "/v1/responses"
 M = TypeVar("M", bound=BaseModel)
@@ -392,7 +390,8 @@ class ResponsesBody(_Body):
 
 
 @router.post(ENDPOINT)
-async def create_response(request: Request, state: State, rid: RequestId) -> Response:
+async def create_response(request: Request, call: Authed) -> Response:
+    state, rid = call.state, call.rid
     body = validate(ResponsesBody, await json_body(request))
     chat, echo = body.to_request(rid)
     route = state.router.resolve(body.model)
