@@ -8,9 +8,9 @@ ride there (EventSource cannot send headers) and must never reach a log.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,7 +42,7 @@ class RequestContext:
                 except ValueError:
                     length = None
         if rid_bytes is None:
-            rid_bytes = uuid.uuid4().hex.encode()
+            rid_bytes = os.urandom(16).hex().encode()  # a uuid4 object costs 3x more
         rid = rid_bytes.decode()
         scope.setdefault("state", {})["request_id"] = rid
         status = 0
