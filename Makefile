@@ -38,10 +38,11 @@ run: $(VENV)/.run-deps
 	@echo ">> starting the gateway on http://$(HOST):$(PORT)/ (it loads the model in about a second)"
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
+# Two pytest workers, a test file each at a time (its module fixtures stay together).
 test: $(VENV)/.dev-deps
 	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(VENV)/.dev-deps
 	$(PY) -m bench $(BENCH_ARGS)
