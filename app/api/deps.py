@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -22,6 +23,7 @@ from app.api.bounds import check_depth, check_model, refusal
 from app.config import Settings
 from app.dispatch import Dispatch
 from app.errors import AuthenticationFailed, ClientClosed, InvalidRequest
+from app.events import RelayEvent
 from app.metrics import Metrics
 from app.relay import Generation
 from app.requests import ChatRequest
@@ -280,3 +282,17 @@ async def start_generation(
     """Admit this request's client and open a generation, abandoned if the client leaves."""
     opening = state.dispatch.start(client_id(request), route, chat, structured=structured)
     return await while_connected(request, opening)
+
+
+async def collected(
+    opening: Awaitable[Generation],
+    collect: Callable[[AsyncIterator[list[RelayEvent]], str], Awaitable[T]],
+) -> T:
+    """A whole non-streamed answer: ``collect(events, model)`` reads the generation's events
+    into the protocol's object; the upstream is released however this ends."""
+    gen = await opening
+    try:
+        async with aclosing(gen.events()) as events:
+            return await collect(events, gen.model)
+    finally:
+        await gen.aclose()

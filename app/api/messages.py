@@ -27,8 +27,6 @@ for this path with ``app.wire.anthropic.error_body``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -40,13 +38,13 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     AuthedXApiKey,
     client_id,
+    collected,
     json_body,
     start_generation,
     validate,
     while_connected,
 )
 from app.api.schemas import MAX_TOKENS_LIMIT, _Body, check_response_format
-from app.relay import Generation
 from app.requests import ChatRequest
 from app.wire.anthropic import MessagesStreamEncoder, collect_message
 from app.wire.sse import dumps, sse_response
@@ -312,7 +310,9 @@ async def create_message(request: Request, call: AuthedXApiKey) -> Response:
     chat = body.to_request(rid)
     if not body.stream:
         opening = state.dispatch.start(client_id(request), route, chat)
-        result = await while_connected(request, complete(opening))
+        result = await while_connected(
+            request, collected(opening, lambda events, model: collect_message(events, model=model))
+        )
         # ``request-id``: where Anthropic's SDKs look for it (``_request_id``).
         headers = {"X-Request-ID": rid, "request-id": rid}
         return Response(dumps(result), media_type="application/json", headers=headers)
@@ -325,13 +325,3 @@ async def create_message(request: Request, call: AuthedXApiKey) -> Response:
         background=BackgroundTask(gen.aclose),
         headers={"request-id": rid},
     )
-
-
-async def complete(open_: Awaitable[Generation]) -> dict[str, Any]:
-    """A whole non-streamed message; the upstream is released however this ends."""
-    gen = await open_
-    try:
-        async with aclosing(gen.events()) as events:
-            return await collect_message(events, model=gen.model)
-    finally:
-        await gen.aclose()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
-from contextlib import aclosing
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -15,6 +12,7 @@ from app.api.deps import (
     Authed,
     State,
     client_id,
+    collected,
     json_body,
     require_key,
     start_generation,
@@ -22,7 +20,6 @@ from app.api.deps import (
     while_connected,
 )
 from app.api.schemas import ChatCompletionBody
-from app.relay import Generation
 from app.wire.openai import OpenAIStreamEncoder, collect_completion
 from app.wire.sse import dumps, sse_response
 
@@ -37,7 +34,10 @@ async def chat_completions(request: Request, call: Authed) -> Response:
     chat = body.to_request(rid, "/v1/chat/completions")
     if not body.stream:
         opening = state.dispatch.start(client_id(request), route, chat)
-        result = await while_connected(request, complete(opening))
+        result = await while_connected(
+            request,
+            collected(opening, lambda events, model: collect_completion(events, model=model)),
+        )
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
     gen = await start_generation(request, state, route, chat)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -48,16 +48,6 @@ async def chat_completions(request: Request, call: Authed) -> Response:
         ping_interval=state.settings.ping_interval_s,
         background=BackgroundTask(gen.aclose),
     )
-
-
-async def complete(open_: Awaitable[Generation]) -> dict[str, Any]:
-    """A whole non-streamed answer; the upstream is released however this ends."""
-    gen = await open_
-    try:
-        async with aclosing(gen.events()) as events:
-            return await collect_completion(events, model=gen.model)
-    finally:
-        await gen.aclose()
 
 
 @router.get("/v1/models", dependencies=[Depends(require_key)])

@@ -18,8 +18,6 @@ provider behind the gateway can use another's reasoning.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from contextlib import aclosing
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
@@ -30,6 +28,7 @@ from starlette.background import BackgroundTask
 from app.api.deps import (
     Authed,
     client_id,
+    collected,
     describe,
     json_body,
     start_generation,
@@ -38,7 +37,6 @@ from app.api.deps import (
 )
 from app.api.schemas import MAX_TOKENS_LIMIT, _Body, check_response_format
 from app.errors import InvalidRequest
-from app.relay import Generation
 from app.requests import ChatRequest
 from app.wire.responses import ResponsesStreamEncoder, collect_response
 from app.wire.sse import dumps, sse_response
@@ -397,7 +395,12 @@ async def create_response(request: Request, call: Authed) -> Response:
     route = state.router.resolve(body.model)
     if not body.stream:
         opening = state.dispatch.start(client_id(request), route, chat)
-        result = await while_connected(request, complete(opening, echo))
+        result = await while_connected(
+            request,
+            collected(
+                opening, lambda events, model: collect_response(events, model=model, echo=echo)
+            ),
+        )
         return Response(dumps(result), media_type="application/json", headers={"X-Request-ID": rid})
     gen = await start_generation(request, state, route, chat)
     encoder = ResponsesStreamEncoder(model=gen.model, echo=echo)
@@ -407,13 +410,3 @@ async def create_response(request: Request, call: Authed) -> Response:
         ping_interval=state.settings.ping_interval_s,
         background=BackgroundTask(gen.aclose),
     )
-
-
-async def complete(open_: Awaitable[Generation], echo: dict[str, Any]) -> dict[str, Any]:
-    """A whole non-streamed response; the upstream is released however this ends."""
-    gen = await open_
-    try:
-        async with aclosing(gen.events()) as events:
-            return await collect_response(events, model=gen.model, echo=echo)
-    finally:
-        await gen.aclose()
