@@ -7,10 +7,18 @@ tokens (the first one stamps TTFT), notes the end of the stream and keeps the
 first error event. Comments (pings) are ignored. Connections are keep-alive, so
 one connection can run many requests in sequence.
 
-Two protocols (``request(..., simple=...)``):
+The protocols (``request(..., protocol=...)``, named as in ``REQUESTS``):
 
-- OpenAI (``chat_request``: ``POST /v1/chat/completions``): ``data:`` chunks, an
+- ``openai`` (``chat_request``: ``POST /v1/chat/completions``): ``data:`` chunks, an
   in-band ``data: {"error": ...}`` on failure, ``data: [DONE]`` at the end.
+- ``responses`` (``responses_request``: ``POST /v1/responses``, OpenAI's Responses
+  API) and ``messages`` (``messages_request``: ``POST /v1/messages``, Anthropic's
+  Messages API): named events (``event: <type>``). Tokens are counted in the
+  delta events only (``response.output_text.delta`` / ``content_block_delta``;
+  the closing events repeat the whole text); the stream is complete at its
+  terminal event (``response.completed`` / ``message_stop``) with no error event
+  before it (``error``, ``response.failed``, ``response.incomplete``); an event
+  after the terminal one is an error (``protocol: ...``).
 - the simple protocol (``simple_post_request``: ``POST /chat/stream`` with a
   JSON body; ``simple_get_request``: ``GET /chat/stream?prompt=...&model=...``,
   the EventSource route): ``event: start``, one default event
@@ -23,6 +31,7 @@ Also runnable on its own for a quick look::
 
     python -m bench.client --url http://127.0.0.1:8000 --model bench/bench-10-0 -c 10 -n 100
     python -m bench.client --protocol simple-get --model bench/bench-10-0 -c 10 -n 100
+    python -m bench.client --protocol responses --model bench/bench-10-0 -c 10 -n 100
 """
 
 from __future__ import annotations
@@ -47,12 +56,13 @@ _ERROR_KEEP = 600
 @dataclass(slots=True)
 class StreamResult:
     t0: float = 0.0  # perf_counter when the request started (connect or send)
+    sent: float = 0.0  # perf_counter when the request was written
     ttft: float | None = None  # seconds from t0 to the first content token
     elapsed: float | None = None  # seconds from t0 to the end of the response
     status: int = 0
     events: int = 0  # data: events
     tokens: int = 0  # "tok " content tokens seen
-    done: bool = False  # saw data: [DONE] (simple protocol: right after a good end)
+    done: bool = False  # saw the end: [DONE] (simple: right after a good end), or terminal event
     error: str | None = None  # first error event / HTTP error / transport / protocol problem
     ended: bool = False  # simple protocol: saw event: end
     finish_reason: str | None = None  # simple protocol: the end's finish_reason
@@ -86,7 +96,9 @@ class SSEClientProtocol(asyncio.Protocol):
         self.keep_alive = True
         self.res: StreamResult | None = None
         self.waiter: asyncio.Future[StreamResult] | None = None
-        self.simple = False  # the response is the simple protocol (else OpenAI's)
+        # How the body is read: OPENAI (inline below), SIMPLE, or a Dialect's events.
+        self.dialect: Dialect | None = None
+        self.simple = False
         self._reset()
 
     def _reset(self) -> None:
@@ -137,21 +149,25 @@ class SSEClientProtocol(asyncio.Protocol):
     # request -----------------------------------------------------------------------------------
 
     def request(
-        self, payload: bytes, res: StreamResult, simple: bool = False
+        self, payload: bytes, res: StreamResult, protocol: str = "openai"
     ) -> asyncio.Future[StreamResult]:
         """Send ``payload``; the future is the result once the response is over.
 
-        ``simple``: parse the response as the simple protocol (``/chat/stream``).
+        ``protocol``: how to read the response, a key of ``REQUESTS``.
         """
         if self.closed or self.transport is None:
             raise ConnectionError("connection is closed")
+        if protocol not in REQUESTS:
+            raise ValueError(f"unknown protocol {protocol!r}")
         self._reset()
-        self.simple = simple
+        self.simple = protocol in SIMPLE
+        self.dialect = DIALECTS.get(protocol)
         self.res = res
         self.waiter = self.loop.create_future()
         if not res.t0:
             res.t0 = perf()
         self.transport.write(payload)
+        res.sent = perf()
         return self.waiter
 
     # parsing -----------------------------------------------------------------------------------
@@ -273,6 +289,11 @@ class SSEClientProtocol(asyncio.Protocol):
             for part in parts:
                 simple_event(res, part)
             return
+        dialect = self.dialect
+        if dialect is not None:
+            for part in parts:
+                dialect_event(res, part, dialect)
+            return
         for part in parts:
             if b"data:" not in part:
                 continue  # comment / ping / event without data
@@ -306,23 +327,72 @@ class SSEClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-def simple_event(res: StreamResult, part: bytes) -> None:
-    """Count one SSE event of the simple protocol (``part``: its lines, no blank line)."""
+def _fields(part: bytes) -> tuple[bytes, bytes | None]:
+    """One SSE event's name and data (``None``: no data line: a comment, ping or retry
+    hint alone, not an event). ``part``: its lines, no blank line."""
     name = b""
-    data: list[bytes] = []
+    data: bytes | None = None
     for line in part.splitlines():
         field, _, value = line.partition(b":")
         if value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            data.append(value)
+            data = value if data is None else data + b"\n" + value
         elif field == b"event":
             name = value
         # id:, retry:, comments (":ping") and unknown fields: nothing to count
-    if not data:
+    return name, data
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """A protocol of named events: which event carries tokens, which ends the stream,
+    which are failures."""
+
+    delta: bytes
+    terminal: bytes
+    errors: frozenset[bytes]
+
+
+DIALECTS = {
+    "responses": Dialect(
+        b"response.output_text.delta",
+        b"response.completed",
+        frozenset({b"error", b"response.failed", b"response.incomplete"}),
+    ),
+    "messages": Dialect(b"content_block_delta", b"message_stop", frozenset({b"error"})),
+}
+SIMPLE = frozenset({"simple-post", "simple-get"})
+
+
+def dialect_event(res: StreamResult, part: bytes, dialect: Dialect) -> None:
+    """Count one SSE event of the Responses or Messages API."""
+    name, payload = _fields(part)
+    if payload is None:
+        return
+    res.events += 1
+    if res.done:
+        if res.error is None:
+            res.error = "protocol: event after the terminal event: " + _text(part)
+        return
+    if name == dialect.delta:
+        if TOKEN in payload:
+            if res.ttft is None:
+                res.ttft = perf() - res.t0
+            res.tokens += payload.count(TOKEN)
+    elif name == dialect.terminal:
+        res.done = True
+    elif name in dialect.errors:
+        res.error = res.error or _text(part)
+    # created, item added, ping, ...: counted as an event, nothing more
+
+
+def simple_event(res: StreamResult, part: bytes) -> None:
+    """Count one SSE event of the simple protocol (``part``: its lines, no blank line)."""
+    name, payload = _fields(part)
+    if payload is None:
         return  # a comment / ping / retry hint alone: not an event
     res.events += 1
-    payload = b"\n".join(data)
     if res.done:
         if res.error is None:
             res.error = "protocol: event after [DONE]: " + _text(part)
@@ -364,20 +434,25 @@ def _text(part: bytes) -> str:
     return part[:_ERROR_KEEP].decode("utf-8", "replace")
 
 
-def chat_request(host: str, port: int, model: str, api_key: str = API_KEY) -> bytes:
-    """The bytes of one streaming chat request (built once, sent many times)."""
-    body = orjson.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    )
+def _post_json(path: bytes, host: str, port: int, body: bytes, api_key: str) -> bytes:
+    """A POST of a JSON body that asks for an event stream."""
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\n"
+        b"POST %s HTTP/1.1\r\n"
         b"Host: %s:%d\r\n"
         b"Content-Type: application/json\r\n"
         b"Accept: text/event-stream\r\n"
         b"Authorization: Bearer %s\r\n"
         b"Content-Length: %d\r\n"
-        b"\r\n%s" % (host.encode(), port, api_key.encode(), len(body), body)
+        b"\r\n%s" % (path, host.encode(), port, api_key.encode(), len(body), body)
     )
+
+
+def chat_request(host: str, port: int, model: str, api_key: str = API_KEY) -> bytes:
+    """The bytes of one streaming chat request (built once, sent many times)."""
+    body = orjson.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    return _post_json(b"/v1/chat/completions", host, port, body, api_key)
 
 
 def simple_post_request(
@@ -385,15 +460,7 @@ def simple_post_request(
 ) -> bytes:
     """``POST /chat/stream`` with the simple protocol's JSON body."""
     body = orjson.dumps({"prompt": prompt, "model": model})
-    return (
-        b"POST /chat/stream HTTP/1.1\r\n"
-        b"Host: %s:%d\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Accept: text/event-stream\r\n"
-        b"Authorization: Bearer %s\r\n"
-        b"Content-Length: %d\r\n"
-        b"\r\n%s" % (host.encode(), port, api_key.encode(), len(body), body)
-    )
+    return _post_json(b"/chat/stream", host, port, body, api_key)
 
 
 def simple_get_request(
@@ -411,11 +478,36 @@ def simple_get_request(
     )
 
 
+def responses_request(
+    host: str, port: int, model: str, prompt: str = "hi", api_key: str = API_KEY
+) -> bytes:
+    """``POST /v1/responses`` (OpenAI's Responses API), streamed."""
+    body = orjson.dumps({"model": model, "input": prompt, "stream": True})
+    return _post_json(b"/v1/responses", host, port, body, api_key)
+
+
+def messages_request(
+    host: str, port: int, model: str, prompt: str = "hi", api_key: str = API_KEY
+) -> bytes:
+    """``POST /v1/messages`` (Anthropic's Messages API), streamed; Bearer auth."""
+    body = orjson.dumps(
+        {
+            "model": model,
+            "max_tokens": 1024,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+        }
+    )
+    return _post_json(b"/v1/messages", host, port, body, api_key)
+
+
 # The request builders by protocol name: (host, port, model, [prompt,] api_key=...) -> bytes.
 REQUESTS: dict[str, Callable[..., bytes]] = {
     "openai": chat_request,
     "simple-post": simple_post_request,
     "simple-get": simple_get_request,
+    "responses": responses_request,
+    "messages": messages_request,
 }
 
 
@@ -431,11 +523,11 @@ async def one_stream(
     payload: bytes,
     res: StreamResult | None = None,
     hold: list[SSEClientProtocol] | None = None,
-    simple: bool = False,
+    protocol: str = "openai",
 ) -> StreamResult:
     """A fresh connection, one request, close. TTFT counts from before the connect.
 
-    ``simple``: the response is the simple protocol (see ``SSEClientProtocol.request``).
+    ``protocol``: how to read the response (see ``SSEClientProtocol.request``).
     """
     res = res if res is not None else StreamResult()
     res.t0 = perf()
@@ -447,21 +539,23 @@ async def one_stream(
     if hold is not None:
         hold.append(proto)
     try:
-        return await proto.request(payload, res, simple)
+        return await proto.request(payload, res, protocol)
     finally:
         if proto.transport is not None:
             proto.transport.close()
 
 
-async def http_get(host: str, port: int, path: str, limit_s: float = 5.0) -> tuple[int, bytes]:
-    """A plain GET, for health checks and /stats."""
+async def http_get(
+    host: str, port: int, path: str, limit_s: float = 5.0, method: str = "GET"
+) -> tuple[int, bytes]:
+    """A plain request without a body (GET by default), for health checks, /stats, /release."""
 
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
         try:
             writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-                f"Authorization: Bearer {API_KEY}\r\n\r\n".encode()
+                f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+                f"Content-Length: 0\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
             )
             data = await reader.read(-1)
         finally:
@@ -489,12 +583,11 @@ async def _cli(args: argparse.Namespace) -> dict[str, Any]:
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     payload = REQUESTS[args.protocol](host, port, args.model, api_key=args.api_key)
-    simple = args.protocol != "openai"
     sem = asyncio.Semaphore(args.concurrency)
 
     async def run_one() -> StreamResult:
         async with sem:
-            return await one_stream(host, port, payload, simple=simple)
+            return await one_stream(host, port, payload, protocol=args.protocol)
 
     t0 = perf()
     results = await asyncio.gather(*(run_one() for _ in range(args.requests)))
@@ -524,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         "--protocol",
         choices=sorted(REQUESTS),
         default="openai",
-        help="openai: POST /v1/chat/completions; simple-post / simple-get: /chat/stream",
+        help="openai: POST /v1/chat/completions; simple-post / simple-get: /chat/stream; "
+        "responses: POST /v1/responses; messages: POST /v1/messages",
     )
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-n", "--requests", type=int, default=10)

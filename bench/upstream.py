@@ -1,18 +1,28 @@
-"""A very cheap fake OpenAI Chat Completions streaming server.
+"""A very cheap fake streaming LLM server: OpenAI Chat Completions, and (for the
+bare relay and "direct" rows of the route comparison) OpenAI Responses and
+Anthropic Messages.
 
 Raw asyncio Protocol on uvloop, HTTP/1.1 keep-alive, chunked transfer encoding,
-one SSE event per HTTP chunk in OpenAI's format::
+one SSE event per HTTP chunk in each API's format. ``POST .../chat/completions``::
 
     data: {"id":"chatcmpl-bench","object":"chat.completion.chunk",...}\\n\\n
 
-The model id says what to stream: ``bench-<chunks>-<interval_ms>[-<delay_ms>]``
-(a ``provider/`` prefix is ignored). The stream is a role chunk and the first
+``POST .../responses``: ``event: response.created`` ... one
+``response.output_text.delta`` per content chunk ... ``response.completed``.
+``POST .../messages``: ``event: message_start`` ... one ``content_block_delta``
+per content chunk ... ``message_stop``.
+
+The model id says what to stream: ``bench-<chunks>-<interval_ms>[-<delay_ms>[-<group>]]``
+(a ``provider/`` prefix is ignored). The stream is the opening events and the first
 content chunk at once, then (after ``delay_ms`` if given) one ``"tok "`` content
 chunk every ``interval_ms`` (as fast as flow control allows when 0), then the
-finish chunk, the usage chunk
-when ``stream_options.include_usage`` is set, and ``data: [DONE]``. All bytes are
-precomputed per (model, include_usage). Timed streams are driven by one shared
+closing events (Chat Completions: the finish chunk, the usage chunk when
+``stream_options.include_usage`` is set, and ``data: [DONE]``). All bytes are
+precomputed per (API, model, include_usage). Timed streams are driven by one shared
 1 ms timer wheel, not a sleep per stream, so 1,000 slow streams cost little.
+``group`` holds each stream after its first chunk until that many wait (or
+``delay_ms``, 10 s if 0, from the first): with a group larger than the streams
+sent, ``POST /release`` is what lets them go on (``{"released": n}``).
 
 ``GET /stats`` returns counters as JSON. Run: ``python -m bench.upstream --port P``;
 with ``--port 0`` it prints ``READY <port>`` once listening.
@@ -60,6 +70,174 @@ def _event(obj: Any) -> bytes:
     return _frame(b"data: " + orjson.dumps(obj) + b"\n\n")
 
 
+# The streaming APIs served, by path suffix: OpenAI Chat Completions, OpenAI
+# Responses, Anthropic Messages (the last two for ``bench.bare`` and "direct": the
+# gateway itself always calls this server's Chat Completions).
+KINDS = {"/chat/completions": "chat", "/responses": "responses", "/messages": "messages"}
+HEADERS = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"Connection: keep-alive\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"x-request-id: req_bench\r\n"
+    b"openai-processing-ms: 0\r\n"
+    b"\r\n"
+)
+
+
+def _named(kind: str, obj: dict[str, Any]) -> bytes:
+    """One ``event: <type>`` SSE event (Responses, Messages) as one HTTP chunk."""
+    return _frame(b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps({"type": kind, **obj})))
+
+
+def _chat(model: str, chunks: int, usage: bool) -> tuple[bytes, bytes, bytes]:
+    """Chat Completions: (role chunk, one content chunk, finish [+ usage] + [DONE])."""
+
+    def chunk(choices: list[Any], **extra: Any) -> bytes:
+        obj: dict[str, Any] = {
+            "id": CHUNK_ID,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_bench",
+            "choices": choices,
+        }
+        if usage:
+            obj["usage"] = None
+        obj.update(extra)
+        return _event(obj)
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[Any]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    role = chunk(choice({"role": "assistant", "content": "", "refusal": None}))
+    content = chunk(choice({"content": CONTENT}))
+    tail = chunk(choice({}, "stop"))
+    if usage:
+        tail += _event(
+            {
+                "id": CHUNK_ID,
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": model,
+                "service_tier": "default",
+                "system_fingerprint": "fp_bench",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 8,
+                    "completion_tokens": chunks,
+                    "total_tokens": 8 + chunks,
+                    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                    "completion_tokens_details": {
+                        "reasoning_tokens": 0,
+                        "audio_tokens": 0,
+                        "accepted_prediction_tokens": 0,
+                        "rejected_prediction_tokens": 0,
+                    },
+                },
+            }
+        )
+    return role, content, tail + _frame(b"data: [DONE]\n\n")
+
+
+def _responses(model: str, chunks: int) -> tuple[bytes, bytes, bytes]:
+    """OpenAI Responses: created, in_progress, item and part added | output_text.delta |
+    the dones and response.completed. Precomputed, so every delta carries the same
+    ``sequence_number`` (nothing here reads it)."""
+    text = CONTENT * chunks
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    item = {"id": "msg_bench", "type": "message", "status": "in_progress", "role": "assistant"}
+    where = {"item_id": "msg_bench", "output_index": 0, "content_index": 0}
+
+    def response(status: str, output: list[Any]) -> dict[str, Any]:
+        return {
+            "id": "resp_bench",
+            "object": "response",
+            "created_at": CREATED,
+            "status": status,
+            "model": model,
+            "output": output,
+            "usage": None
+            if status != "completed"
+            else {"input_tokens": 8, "output_tokens": chunks, "total_tokens": 8 + chunks},
+        }
+
+    done_item = {**item, "status": "completed", "content": [{**part, "text": text}]}
+    head = (
+        _named("response.created", {"sequence_number": 0, "response": response("in_progress", [])})
+        + _named(
+            "response.in_progress",
+            {"sequence_number": 1, "response": response("in_progress", [])},
+        )
+        + _named(
+            "response.output_item.added",
+            {"sequence_number": 2, "output_index": 0, "item": {**item, "content": []}},
+        )
+        + _named("response.content_part.added", {"sequence_number": 3, **where, "part": part})
+    )
+    content = _named(
+        "response.output_text.delta",
+        {"sequence_number": 4, **where, "delta": CONTENT, "logprobs": []},
+    )
+    n = 4 + chunks
+    tail = (
+        _named(
+            "response.output_text.done",
+            {"sequence_number": n, **where, "text": text, "logprobs": []},
+        )
+        + _named(
+            "response.content_part.done",
+            {"sequence_number": n + 1, **where, "part": {**part, "text": text}},
+        )
+        + _named(
+            "response.output_item.done",
+            {"sequence_number": n + 2, "output_index": 0, "item": done_item},
+        )
+        + _named(
+            "response.completed",
+            {"sequence_number": n + 3, "response": response("completed", [done_item])},
+        )
+    )
+    return head, content, tail
+
+
+def _messages(model: str, chunks: int) -> tuple[bytes, bytes, bytes]:
+    """Anthropic Messages: message_start, content_block_start, ping | content_block_delta |
+    content_block_stop, message_delta, message_stop."""
+    message: dict[str, Any] = {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 8, "output_tokens": 1},
+    }
+    head = (
+        _named("message_start", {"message": message})
+        + _named("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        + _named("ping", {})
+    )
+    content = _named(
+        "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": CONTENT}}
+    )
+    tail = (
+        _named("content_block_stop", {"index": 0})
+        + _named(
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": chunks},
+            },
+        )
+        + _named("message_stop", {})
+    )
+    return head, content, tail
+
+
 class Script:
     """The precomputed bytes of one kind of stream."""
 
@@ -75,84 +253,45 @@ class Script:
     )
 
     def __init__(
-        self, model: str, chunks: int, interval_ms: int, delay_ms: int, group: int, usage: bool
+        self,
+        kind: str,
+        model: str,
+        chunks: int,
+        interval_ms: int,
+        delay_ms: int,
+        group: int,
+        usage: bool,
     ) -> None:
         self.chunks = chunks
         self.interval_ms = interval_ms
         self.delay_ms = delay_ms
         self.barrier = Barrier(group, (delay_ms or 10_000) / 1000) if group else None
-
-        def chunk(choices: list[Any], **extra: Any) -> bytes:
-            obj: dict[str, Any] = {
-                "id": CHUNK_ID,
-                "object": "chat.completion.chunk",
-                "created": CREATED,
-                "model": model,
-                "service_tier": "default",
-                "system_fingerprint": "fp_bench",
-                "choices": choices,
-            }
-            if usage:
-                obj["usage"] = None
-            obj.update(extra)
-            return _event(obj)
-
-        def choice(delta: dict[str, Any], finish: str | None = None) -> list[Any]:
-            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-
-        headers = (
-            b"HTTP/1.1 200 OK\r\n"
-            b"Content-Type: text/event-stream; charset=utf-8\r\n"
-            b"Transfer-Encoding: chunked\r\n"
-            b"Connection: keep-alive\r\n"
-            b"Cache-Control: no-cache\r\n"
-            b"x-request-id: req_bench\r\n"
-            b"openai-processing-ms: 0\r\n"
-            b"\r\n"
-        )
-        role = chunk(choice({"role": "assistant", "content": "", "refusal": None}))
-        self.content = chunk(choice({"content": CONTENT}))
-        self.block = self.content * BLOCK
-        self.head = headers + role
-        tail = chunk(choice({}, "stop"))
-        if usage:
-            tail += _event(
-                {
-                    "id": CHUNK_ID,
-                    "object": "chat.completion.chunk",
-                    "created": CREATED,
-                    "model": model,
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_bench",
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": 8,
-                        "completion_tokens": chunks,
-                        "total_tokens": 8 + chunks,
-                        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                        "completion_tokens_details": {
-                            "reasoning_tokens": 0,
-                            "audio_tokens": 0,
-                            "accepted_prediction_tokens": 0,
-                            "rejected_prediction_tokens": 0,
-                        },
-                    },
-                }
-            )
-        self.tail = tail + _frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        if kind == "responses":
+            head, content, tail = _responses(model, chunks)
+        elif kind == "messages":
+            head, content, tail = _messages(model, chunks)
+        else:
+            head, content, tail = _chat(model, chunks, usage)
+        self.head = HEADERS + head
+        self.content = content
+        self.block = content * BLOCK
+        self.tail = tail + b"0\r\n\r\n"
 
 
-_SCRIPTS: dict[tuple[str, bool], Script] = {}
+_SCRIPTS: dict[tuple[str, str, bool], Script] = {}
+BARRIERS: list[Barrier] = []  # every barrier made, for POST /release
 
 
-def _script(model: str, usage: bool) -> Script | None:
-    key = (model, usage)
+def _script(kind: str, model: str, usage: bool) -> Script | None:
+    key = (kind, model, usage)
     script = _SCRIPTS.get(key)
     if script is None:
         parsed = parse_model(model)
         if parsed is None:
             return None
-        script = _SCRIPTS[key] = Script(model, *parsed, usage)
+        script = _SCRIPTS[key] = Script(kind, model, *parsed, usage)
+        if script.barrier is not None:
+            BARRIERS.append(script.barrier)
     return script
 
 
@@ -217,7 +356,8 @@ class Barrier:
         elif self.timer is None:
             self.timer = stream.proto.loop.call_later(self.max_wait_s, self.release)
 
-    def release(self) -> None:
+    def release(self) -> int:
+        """Let every waiting stream go on; returns how many were waiting."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -225,6 +365,7 @@ class Barrier:
         for stream in streams:
             if stream.alive:
                 stream.go()
+        return len(streams)
 
 
 class Stream:
@@ -406,7 +547,8 @@ class UpstreamProtocol(asyncio.Protocol):
     def _handle(self, method: str, path: str, body: bytes) -> None:
         STATS["requests"] += 1
         path = path.split("?", 1)[0]
-        if method == "POST" and path.endswith("/chat/completions"):
+        kind = next((k for suffix, k in KINDS.items() if path.endswith(suffix)), None)
+        if method == "POST" and kind is not None:
             try:
                 req = orjson.loads(body)
                 model = req["model"]
@@ -415,7 +557,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             opts = req.get("stream_options") or {}
             usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-            script = _script(str(model), usage)
+            script = _script(kind, str(model), usage)
             if script is None:
                 self._error(
                     404,
@@ -426,6 +568,9 @@ class UpstreamProtocol(asyncio.Protocol):
                 )
                 return
             if not req.get("stream"):
+                if kind != "chat":
+                    self._error(400, f"only streaming here for {path}", "invalid_request_error")
+                    return
                 self._complete(script, str(model), usage)
                 return
             STATS["streams"] += 1
@@ -434,6 +579,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.stream.start()
         elif method == "GET" and path == "/stats":
             self._simple(200, orjson.dumps(STATS))
+        elif method == "POST" and path == "/release":
+            released = sum(barrier.release() for barrier in BARRIERS)
+            self._simple(200, orjson.dumps({"released": released}))
         elif method == "GET" and path.endswith("/models"):
             self._simple(
                 200,
