@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from app.api import chat, fanout, health, messages, openai, page, responses, ws
 from app.api import streams as streams_api
 from app.api.deps import GatewayState, describe
+from app.api.direct import DirectRoutes
 from app.capacity import Capacity
 from app.config import Settings, load_settings
 from app.dispatch import Dispatch
@@ -181,6 +182,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added before CORS, so it runs inside it: a preflight from a configured
     # origin is answered before these checks, and refusals carry CORS headers
     # for the origins allowed to read them.
+    # Innermost: the streaming POST routes skip FastAPI's routing and exception stack.
+    app.add_middleware(
+        DirectRoutes,
+        routes={
+            "/v1/chat/completions": openai.chat_completions,
+            "/v1/responses": responses.create_response,
+            "/v1/messages": messages.create_message,
+            "/chat/stream": chat.chat_stream_post,
+        },
+        on_error=_gateway_error,
+        on_unexpected=_unexpected,
+    )
     app.add_middleware(Guard, settings=settings, refused=metrics.refused)
     if settings.cors_origins:
         origins = settings.cors_origins

@@ -18,9 +18,9 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    Authed,
     RequestId,
     State,
+    authed,
     check_model_names,
     client_id,
     json_body,
@@ -40,7 +40,8 @@ router = APIRouter()
 
 
 @router.post("/chat/stream")
-async def chat_stream_post(request: Request, call: Authed) -> Response:
+async def chat_stream_post(request: Request) -> Response:
+    call = await authed(request)
     state, rid = call.state, call.rid
     body = validate(SimpleChatBody, await json_body(request))
     route = state.router.resolve(body.model)

@@ -36,7 +36,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    AuthedXApiKey,
+    authed_x_api_key,
     client_id,
     collected,
     json_body,
@@ -303,7 +303,8 @@ class MessagesBody(_Body):
 
 
 @router.post(ENDPOINT)
-async def create_message(request: Request, call: AuthedXApiKey) -> Response:
+async def create_message(request: Request) -> Response:
+    call = await authed_x_api_key(request)
     state, rid = call.state, call.rid
     body = validate(MessagesBody, await json_body(request))
     route = state.router.resolve(body.model)

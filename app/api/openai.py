@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    Authed,
     State,
+    authed,
     client_id,
     collected,
     json_body,
@@ -27,7 +27,8 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, call: Authed) -> Response:
+async def chat_completions(request: Request) -> Response:
+    call = await authed(request)
     state, rid = call.state, call.rid
     body = validate(ChatCompletionBody, await json_body(request))
     route = state.router.resolve(body.model)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
 
 from app.api.deps import (
-    Authed,
+    authed,
     client_id,
     collected,
     describe,
@@ -388,7 +388,8 @@ class ResponsesBody(_Body):
 
 
 @router.post(ENDPOINT)
-async def create_response(request: Request, call: Authed) -> Response:
+async def create_response(request: Request) -> Response:
+    call = await authed(request)
     state, rid = call.state, call.rid
     body = validate(ResponsesBody, await json_body(request))
     chat, echo = body.to_request(rid)

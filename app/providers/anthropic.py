@@ -317,6 +317,7 @@ class AnthropicProvider:
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         params = untranslatable(self.name, build_params, request)
         resp = await self._http.post_stream("/v1/messages", params)
+        del params  # sent: not held for the stream's whole life
         complete = False
         try:
             yield [Start()]

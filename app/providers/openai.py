@@ -129,6 +129,7 @@ class OpenAIProvider:
         if request.continuation and self.kind == "openai-compatible":
             params.update(CONTINUE_PARAMS)
         resp = await self._http.post_stream("/chat/completions", params)
+        del params  # sent: not held for the stream's whole life
         complete = False
         try:
             yield [Start()]
