@@ -39,7 +39,7 @@ import orjson
 
 from app.errors import Cancelled, GatewayError, OutputInvalid, UpstreamError
 from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
-from app.wire.sse import dumps
+from app.wire.sse import dumps, encoded
 
 # The relay's finish reasons that are a whole answer; the others (cancelled,
 # error, timeout) end with an error event instead.
@@ -178,12 +178,8 @@ class MessagesStreamEncoder:
                 assert_never(ev)
         return b"".join(out)
 
-    async def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
-        encode = self.encode
-        async for batch in events:
-            data = encode(batch)
-            if data:
-                yield data
+    def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
+        return encoded(self.encode, events)
 
     def _message_start(self, model: str) -> bytes:
         self._started = True

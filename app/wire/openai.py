@@ -13,7 +13,7 @@ from typing import Any, assert_never
 
 from app.errors import Cancelled, GatewayError
 from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
-from app.wire.sse import DONE, dumps
+from app.wire.sse import DONE, dumps, encoded
 
 # Finish reasons OpenAI clients know; the rest (cancelled, error, timeout) are
 # failures and are reported as an in-band error instead.
@@ -119,12 +119,8 @@ class OpenAIStreamEncoder:
         parts.append(DONE)
         return b"".join(parts)
 
-    async def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
-        encode = self.encode
-        async for batch in events:
-            data = encode(batch)
-            if data:
-                yield data
+    def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
+        return encoded(self.encode, events)
 
 
 def error_json(exc: GatewayError) -> dict[str, Any]:

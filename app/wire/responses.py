@@ -42,7 +42,7 @@ from typing import Any, Literal, assert_never
 
 from app.errors import Cancelled, GatewayError, UpstreamError
 from app.events import End, Error, Parsed, Partial, RelayEvent, Start, TextDelta, ToolCallDelta
-from app.wire.sse import dumps
+from app.wire.sse import dumps, encoded
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -358,13 +358,8 @@ class ResponsesStreamEncoder:
         response = self.obj.json("failed", self._items, end, error=self._error)
         return out + self._event("response.failed", {"response": response})
 
-    async def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
-        yield self.opening()
-        encode = self.encode
-        async for batch in events:
-            data = encode(batch)
-            if data:
-                yield data
+    def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
+        return encoded(self.encode, events, self.opening())
 
 
 async def collect_response(

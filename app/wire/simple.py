@@ -27,7 +27,7 @@ from app.events import (
     TextDelta,
     ToolCallDelta,
 )
-from app.wire.sse import DONE, dumps, retry_hint
+from app.wire.sse import DONE, dumps, encoded, retry_hint
 
 
 def end_json(end: End) -> dict[str, Any]:
@@ -113,12 +113,8 @@ class SimpleStreamEncoder:
                 assert_never(ev)
         return out
 
-    async def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
-        encode = self.encode
-        async for batch in events:
-            data = encode(batch)
-            if data:
-                yield data
+    def stream(self, events: AsyncIterator[list[RelayEvent]]) -> AsyncIterator[bytes]:
+        return encoded(self.encode, events)
 
 
 class SimpleLog:

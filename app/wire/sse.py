@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -42,6 +42,8 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.types import Message, Receive, Scope, Send
+
+from app.events import RelayEvent
 
 DONE = b"data: [DONE]\n\n"
 _LS, _PS = "\u2028".encode(), "\u2029".encode()
@@ -52,6 +54,21 @@ def dumps(obj: Any) -> bytes:
     if b"\xe2\x80" in out:
         out = out.replace(_LS, b"\\u2028").replace(_PS, b"\\u2029")
     return out
+
+
+async def encoded(
+    encode: Callable[[list[RelayEvent]], bytes],
+    events: AsyncIterator[list[RelayEvent]],
+    first: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """A protocol's body: each batch of events as ``encode`` writes it (``first`` before
+    them), one piece per batch, nothing for a batch that encodes to nothing."""
+    if first:
+        yield first
+    async for batch in events:
+        data = encode(batch)
+        if data:
+            yield data
 
 
 def retry_hint(base_ms: int = 3000) -> bytes:
