@@ -125,8 +125,9 @@ class Upstreams:
         try:
             async with asyncio.timeout(MODELS_TIMEOUT_S):
                 ids = await self.providers[name].list_models()
-        except (GatewayError, TimeoutError) as exc:
-            log.warning("provider %s: no model list (%s)", name, getattr(exc, "code", "timeout"))
+        except Exception as exc:  # never fails the listing: the last known list, or none
+            code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
+            log.warning("provider %s: no model list (%s)", name, code)
             ids = cached[1] if cached is not None else []
         self._listed[name] = (now + MODELS_TTL_S, ids)
         return ids

@@ -9,6 +9,7 @@ schema, or an ``error`` naming what failed; OpenAI-kind upstreams get the
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -203,3 +204,62 @@ def test_the_local_model_follows_the_schema(make_gateway):
     value = obj.json()["object"]
     assert isinstance(value["city"], str) and isinstance(value["population"], int)
     assert [e.event for e in events].count("partial") >= 2
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"$ref": "#/definitions/nope"}, "does not resolve"),
+        ({"$ref": "https://example.com/schema.json"}, "only local references"),
+        ({"type": "string", "minLength": 100_000_000}, "add up to more than"),
+        (
+            {"type": "object", "properties": {f"p{i}": {"maxLength": 5000} for i in range(5)}},
+            "add up to more than",
+        ),
+    ],
+    ids=["unresolvable-ref", "remote-ref", "huge-size", "sizes-add-up"],
+)
+def test_a_schema_that_could_hurt_the_gateway_is_a_400(make_gateway, openai_fake, schema, message):
+    """An unresolvable $ref would fail the stream at its end; a huge size keyword would build
+    a huge grammar for the local model: both are refused before anything runs."""
+    gw = make_gateway(openai_fake=openai_fake)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    r = httpx.post(
+        gw.url + "/chat/stream",
+        json={"model": "openai/gpt-4o-mini", "prompt": "hi", "response_format": fmt},
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format" and message in r.text
+    assert openai_fake.attempts == []
+
+
+def test_a_backtracking_pattern_cannot_hold_the_gateway(make_gateway, openai_fake):
+    gw = make_gateway(openai_fake=openai_fake)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^(a|aa)+$"}}}
+    openai_fake.enqueue(Scenario(chunks=['{"name": "' + "a" * 60 + '!"}']))
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    started = time.monotonic()
+    events = stream_events(
+        gw, {"model": "openai/gpt-4o-mini", "prompt": "hi", "response_format": fmt}
+    )
+    assert time.monotonic() - started < 5  # Python's re would take centuries here
+    error = next(e for e in events if e.event == "error").json()["error"]
+    assert error["type"] == "invalid_output" and "budget" in error["message"]
+    assert httpx.get(gw.url + "/healthz", timeout=2).status_code == 200
+
+
+def test_partials_thin_out_as_the_answer_grows(make_gateway, openai_fake):
+    """Each partial parses the whole text: past a short start, one goes out per eighth of
+    growth, so a long answer costs linear work and bytes, not quadratic."""
+    gw = make_gateway(openai_fake=openai_fake)
+    words = ['{"text": "'] + ["word " for _ in range(400)] + ['"}']
+    openai_fake.enqueue(Scenario(chunks=words, interval=0.002))
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    events = stream_events(
+        gw, {"model": "openai/gpt-4o-mini", "prompt": "hi", "response_format": fmt}
+    )
+    partials = [e for e in events if e.event == "partial"]
+    reads = len([e for e in events if e.event == "message" and e.data != "[DONE]"])
+    assert 10 <= len(partials) <= 80 < reads, (len(partials), reads)
+    assert next(e for e in events if e.event == "object").json()["object"]["text"] == "word " * 400

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.relay.structured import check_schema
 from app.requests import ChatRequest
 
 MAX_TOKENS_LIMIT = 1_000_000
@@ -128,10 +128,7 @@ def check_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise ValueError("json_schema.schema must be a JSON Schema object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ValueError(f"json_schema.schema is not a valid JSON Schema: {exc.message}") from None
+    check_schema(schema)
     return value
 
 

@@ -902,7 +902,8 @@ class LocalProvider:
             presence_penalty=_number(
                 extra.get("presence_penalty"), "presence_penalty", 0.0, -2.0, 2.0
             ),
-            grammar=grammar_for(request.response_format),
+            # Built off the loop (the schema was bounded at the request; still parsing).
+            grammar=await asyncio.to_thread(grammar_for, request.response_format),
         )
 
     def _generate(self, llm: Llama, p: _Params, job: _Job) -> None:

@@ -23,6 +23,7 @@ the generation only through ``Generating`` (``app.relay.Generation``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from typing import Protocol, runtime_checkable
@@ -38,6 +39,8 @@ from app.events import End, Error, FinishReason, RelayEvent, Start
 from app.ratelimit import Slot
 from app.streams.codec import LogCodec, LogEncoder
 from app.streams.store import Store
+
+log = logging.getLogger("app.streams")
 
 
 @runtime_checkable
@@ -161,6 +164,10 @@ class Producer:
                             sid, enc, batch, end, gen, trouble, failed
                         )
                         failed, ended = failed or not logged, True
+        except Exception as exc:
+            # A bug, not a shutdown: the log still gets an honest ending, as an error.
+            log.error("stream %s: unhandled %s", sid, type(exc).__name__)
+            trouble = trouble or GatewayError("internal error", code="internal_error")
         finally:
             run.over()
             try:

@@ -106,6 +106,7 @@ class SSEResponse(EventSourceResponse):
             if not self._client_disconnected or task.uncancel():
                 raise
         finally:
+            self.active = False  # no ping after a body that failed
             watcher.cancel()
         if self.background is not None:
             await self.background()
