@@ -17,7 +17,7 @@ import orjson
 from app.config import ProviderConfig, Settings
 from app.events import Finish, FinishReason, ProviderEvent, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.errors import GENERIC, Scrubber, in_band_error, truncated, untranslatable
-from app.providers.http import UpstreamSession, model_ids, read_chunks, release
+from app.providers.http import HTTPProvider, UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 from app.requests import ChatRequest
 
@@ -290,7 +290,9 @@ def answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | No
     return None
 
 
-class AnthropicProvider:
+class AnthropicProvider(HTTPProvider):
+    models_path = "/v1/models"
+
     def __init__(self, name: str, config: ProviderConfig, settings: Settings) -> None:
         self.name = name
         connect = config.connect_timeout_s or settings.connect_timeout_s
@@ -302,17 +304,6 @@ class AnthropicProvider:
             connect,
             Scrubber.for_settings(settings),
         )
-
-    ready = True  # nothing to load: every request connects on its own
-
-    async def start(self, *, warm: bool) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def list_models(self) -> list[str]:
-        return model_ids(await self._http.get_json("/v1/models"))
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         params = untranslatable(self.name, build_params, request)

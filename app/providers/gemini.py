@@ -54,7 +54,7 @@ from app.providers.errors import (
     truncated,
     untranslatable,
 )
-from app.providers.http import UpstreamSession, read_chunks, release
+from app.providers.http import HTTPProvider, UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 from app.requests import ChatRequest
 
@@ -477,7 +477,7 @@ def api_base(base_url: str | None) -> str:
     return base if base.endswith(("/v1beta", "/v1")) else f"{base}/{API_VERSION}"
 
 
-class GeminiProvider:
+class GeminiProvider(HTTPProvider):
     def __init__(self, name: str, config: ProviderConfig, settings: Settings) -> None:
         self.name = name
         connect = config.connect_timeout_s or settings.connect_timeout_s
@@ -492,14 +492,6 @@ class GeminiProvider:
             Scrubber.for_settings(settings),
             status_mapper=gemini_status,
         )
-
-    ready = True  # nothing to load: every request connects on its own
-
-    async def start(self, *, warm: bool) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def list_models(self) -> list[str]:
         # One page of up to 1000 holds every model Google serves.

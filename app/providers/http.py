@@ -117,6 +117,24 @@ class UpstreamSession:
             await self._session.close()
 
 
+class HTTPProvider:
+    """What every provider behind an HTTP upstream shares: nothing to load at start, one
+    session to close, and its upstream's model list at ``models_path``."""
+
+    ready = True  # nothing to load: every request connects on its own
+    models_path = "/models"
+    _http: UpstreamSession
+
+    async def start(self, *, warm: bool) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def list_models(self) -> list[str]:
+        return model_ids(await self._http.get_json(self.models_path))
+
+
 async def read_chunks(resp: aiohttp.ClientResponse, provider: str) -> AsyncIterator[bytes]:
     """The body as it arrives; a broken connection is a truncation."""
     try:

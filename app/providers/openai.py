@@ -19,7 +19,7 @@ from app.config import ProviderConfig, Settings
 from app.errors import UpstreamStatus
 from app.events import Finish, FinishReason, ProviderEvent, Start, TextDelta, ToolCallDelta, Usage
 from app.providers.errors import Scrubber, in_band_error, truncated, untranslatable
-from app.providers.http import UpstreamSession, model_ids, read_chunks, release
+from app.providers.http import HTTPProvider, UpstreamSession, read_chunks, release
 from app.providers.sse import SSEDecoder
 from app.requests import ChatRequest
 
@@ -99,7 +99,7 @@ def build_params(request: ChatRequest) -> dict[str, Any]:
 CONTINUE_PARAMS = {"continue_final_message": True, "add_generation_prompt": False}
 
 
-class OpenAIProvider:
+class OpenAIProvider(HTTPProvider):
     def __init__(self, name: str, config: ProviderConfig, settings: Settings) -> None:
         self.name = name
         self.kind = config.kind
@@ -112,17 +112,6 @@ class OpenAIProvider:
             connect,
             Scrubber.for_settings(settings),
         )
-
-    ready = True  # nothing to load: every request connects on its own
-
-    async def start(self, *, warm: bool) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def list_models(self) -> list[str]:
-        return model_ids(await self._http.get_json("/models"))
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[ProviderEvent]]:
         params = untranslatable(self.name, build_params, request)
