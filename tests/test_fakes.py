@@ -306,7 +306,7 @@ async def test_raw_parts_arrive_exactly(openai_fake: OpenAIFake) -> None:
 
 async def test_delays(openai_fake: OpenAIFake) -> None:
     openai_fake.default = Scenario(
-        chunks=["a", "b", "c"], headers_delay=0.15, first_token_delay=0.15, interval=0.1
+        chunks=["a", "b", "c"], headers_delay=0.3, first_token_delay=0.3, interval=0.3
     )
     stamps: list[float] = []
     async with oai(openai_fake) as client:
@@ -316,10 +316,11 @@ async def test_delays(openai_fake: OpenAIFake) -> None:
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 stamps.append(time.monotonic() - t0)
-    assert 0.14 <= t_headers < 0.3
-    assert 0.29 <= stamps[0] < 0.45
+    # Lower bounds are the contract; upper bounds are generous for a loaded machine.
+    assert 0.29 <= t_headers < 0.55
+    assert 0.59 <= stamps[0] < 0.85
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert all(0.08 <= g < 0.2 for g in gaps)
+    assert all(0.28 <= g < 0.55 for g in gaps)
 
 
 async def test_enqueue_for_model_default_order(openai_fake: OpenAIFake) -> None:

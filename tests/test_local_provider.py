@@ -8,7 +8,6 @@ module; one loads Gemma 3 270M too.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -300,13 +299,14 @@ async def test_closing_the_stream_stops_generation(provider: LocalProvider) -> N
     assert provider.tokens_generated - stopped_at <= 1
     assert not provider.busy
 
-    # The model is free for the next request at once.
-    began = time.monotonic()
+    # The model is free for the next request at once: its first token is the next one
+    # generated, with nothing of the closed stream's left running before it. (A wall-clock
+    # bound here flaked on a loaded two-core CI machine; the count is what matters.)
     nxt = provider.stream(request(max_tokens=3))
     await anext(nxt)
     first = await anext(nxt)
     assert isinstance(first[0], TextDelta)
-    assert time.monotonic() - began < 1.0
+    assert provider.tokens_generated - stopped_at <= 2
     await collect(nxt)
 
 
