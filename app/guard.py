@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import GatewayError, HostNotAllowed, OriginNotAllowed, UnsupportedMediaType
+from app.wire.errors import error_body
 
 # POST routes that take a JSON body; every later /v1/* POST is one too.
 JSON_ROUTES = frozenset({"/chat/stream", "/chat/streams", "/chat/fanout"})
@@ -189,7 +190,7 @@ class Guard:
         if websocket:
             await _refuse_websocket(scope, receive, send, error)
         else:
-            await _respond(send, error.http_status, error.json_bytes())
+            await _respond(send, error.http_status, error_body(scope["path"], error))
 
     def _host_error(self, host: bytes | None) -> GatewayError:
         shown = f"'{_shown(host)}'" if host is not None else "(none)"

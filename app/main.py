@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,7 +38,7 @@ from app.routing import Router, Target
 from app.shutdown import Drain
 from app.streams import make_streams
 from app.upstreams import Upstreams
-from app.wire.anthropic import error_body as anthropic_error_body
+from app.wire.errors import error_body
 from app.wire.simple import SimpleLog
 
 log = logging.getLogger("app")
@@ -48,15 +48,9 @@ def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> Re
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-# Error bodies in the shape of the protocol a path speaks; OpenAI's everywhere else.
-ERROR_BODIES: dict[str, Callable[[GatewayError], bytes]] = {"/v1/messages": anthropic_error_body}
-
-
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    render = ERROR_BODIES.get(request.url.path)
-    body = exc.json_bytes() if render is None else render(exc)
-    return _json(exc.http_status, body, exc.headers())
+    return _json(exc.http_status, error_body(request.url.path, exc), exc.headers())
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -15,6 +15,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLarge
+from app.wire.errors import error_body
 
 log = logging.getLogger("app.access")
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -58,7 +59,7 @@ class RequestContext:
 
         limit = self.max_body
         if length is not None and length > limit:
-            await self._too_large(send_wrapper, limit)
+            await self._too_large(send_wrapper, limit, scope["path"])
         else:
             received = 0
 
@@ -106,8 +107,9 @@ class RequestContext:
         )
 
     @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
-        body = PayloadTooLarge(_too_large_message(limit), code="request_too_large").json_bytes()
+    async def _too_large(send: Send, limit: int, path: str) -> None:
+        error = PayloadTooLarge(_too_large_message(limit), code="request_too_large")
+        body = error_body(path, error)
         await send(
             {
                 "type": "http.response.start",

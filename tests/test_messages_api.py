@@ -479,6 +479,42 @@ def test_errors_before_the_stream_are_in_anthropics_shape(keyed):
     assert r.json()["error"]["type"] == "authentication_error"
 
 
+def anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind, body
+    return str(body["error"]["message"])
+
+
+def test_every_refusal_layer_answers_in_anthropics_shape(make_gateway, openai_fake):
+    """Not only the route's own errors: the guard (Host, Content-Type), the body-size
+    limit, a 405 and an unknown sub-path all speak Anthropic's shape under /v1/messages,
+    and the Anthropic SDK reads their message."""
+    gw = make_gateway(openai_fake=openai_fake, max_body_bytes=2048)
+    url = gw.url + "/v1/messages"
+    r = httpx.post(url, content=b"{}", headers={"content-type": "text/plain"})
+    assert "Content-Type" in anthropic_error(r, 415, "invalid_request_error")
+    r = httpx.post(url, json={"model": GPT, "messages": [{"role": "user", "content": "x" * 4096}]})
+    assert "GATEWAY_MAX_BODY_BYTES" in anthropic_error(r, 413, "request_too_large")
+    r = httpx.post(url, json={}, headers={"host": "evil.example"})
+    assert "evil.example" in anthropic_error(r, 421, "invalid_request_error")
+    assert "GET" in anthropic_error(httpx.get(url), 405, "invalid_request_error")
+    r = httpx.post(url + "/count_tokens", json={})
+    assert "/v1/messages/count_tokens" in anthropic_error(r, 404, "not_found_error")
+    # Other paths keep OpenAI's shape.
+    r = httpx.post(gw.url + "/v1/chat/completions", content=b"{}", headers={"content-type": "x"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    with (
+        anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0) as c,
+        pytest.raises(anthropic.APIStatusError) as info,
+    ):
+        c.messages.create(
+            model=GPT, max_tokens=5, messages=[{"role": "user", "content": "x" * 4096}]
+        )
+    assert info.value.status_code == 413 and "GATEWAY_MAX_BODY_BYTES" in info.value.message
+    assert openai_fake.attempts == []
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ gateway's OpenAI-shaped ``ChatRequest``:
   ``top_k`` and ``metadata`` are accepted and not used.
 
 The answer is ``app.wire.anthropic``'s: the streamed events, or one ``message``.
-Errors before the stream are raised as ``GatewayError``; main.py renders them
-for this path with ``app.wire.anthropic.error_body``.
+Errors before the stream are raised as ``GatewayError``; every refusal on this
+path renders through ``app.wire.errors.error_body``, in Anthropic's shape.
 """
 
 from __future__ import annotations
