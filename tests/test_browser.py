@@ -544,10 +544,12 @@ def test_the_page_shows_a_structured_answer_filling_in(tab: Page, openai_fake: A
     seen: list[str] = []
 
     def complete() -> bool:
+        # The state first: once it says complete, the text read after it is the last.
+        done = shown.get_attribute("data-state") == "complete"
         text = str(shown.inner_text()) if shown.is_visible() else ""
         if text and (not seen or seen[-1] != text):
             seen.append(text)
-        return shown.get_attribute("data-state") == "complete"
+        return done
 
     tab.poll(complete)
     assert '"city": "Pa"' in seen[0]  # the partial object, before the rest came

@@ -258,15 +258,17 @@ def test_grace_expiry_cancels_and_releases_the_upstream(make_gateway, openai_fak
 
 
 def test_a_reconnect_within_the_grace_keeps_it_running(make_gateway, openai_fake, store):
-    openai_fake.default = DRIP  # 1.2 s
-    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=0.5, **store)
+    chunks = [f"t{i} " for i in range(100)]
+    openai_fake.default = Scenario(chunks=chunks, interval=0.03)  # 3 s
+    # A grace a loaded machine reconnects within, and the stream runs on well past it.
+    gw = make_gateway(openai_fake=openai_fake, default_model=MODEL, resume_grace_s=1.5, **store)
     sid, url = start(gw)
     a = read(url, content=2)
     # The grace is running, and the generation with it, while no reader is there.
     wait_for(lambda: gw.app.state.gateway.streams.runs[sid].keeper is not None)
     wait_for(lambda: logged(gw, sid) >= number(a[-1].id) + 5)
     b = read(url, last=a[-1].id)  # reads to the end, well past the grace
-    end = check_whole(sid, a + b, text="".join(CHUNKS))
+    end = check_whole(sid, a + b, text="".join(chunks))
     assert end["finish_reason"] == "stop"
 
 
