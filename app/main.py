@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import chat, fanout, health, messages, openai, page, responses, ws
 from app.api import streams as streams_api
@@ -83,6 +85,26 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         "unhandled %s rid=%s", type(exc).__name__, rid, exc_info=log.isEnabledFor(logging.DEBUG)
     )
     return _json(500, GatewayError("internal error").json_bytes())
+
+
+class GatewayApp(FastAPI):
+    """FastAPI behind the gateway's own plain-ASGI middleware (``front``).
+
+    Middleware added with ``add_middleware`` runs inside FastAPI's own layers
+    (the server-error middleware, exception telemetry, the body-limit wrapper):
+    five more coroutine frames held by every open stream, and a ``send``
+    wrapper called for every chunk. Here the request id, body cap, CORS, the
+    guard and the direct streaming routes come first; everything else then
+    takes FastAPI's whole path (routing, its exception handlers, the server
+    error middleware) as before. ``front`` handles every scope type: lifespan
+    and WebSocket pass through to FastAPI.
+    """
+
+    front: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        await self.front(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -150,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for p in providers.values():
                 await p.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="LLM streaming gateway",
         lifespan=lifespan,
         docs_url=None,
@@ -173,12 +195,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    # Added before CORS, so it runs inside it: a preflight from a configured
-    # origin is answered before these checks, and refusals carry CORS headers
-    # for the origins allowed to read them.
-    # Innermost: the streaming POST routes skip FastAPI's routing and exception stack.
-    app.add_middleware(
-        DirectRoutes,
+    # The gateway's own middleware runs in front of FastAPI's (see GatewayApp), innermost
+    # first: the streaming POST routes skip FastAPI's routing and exception stack; the
+    # guard runs inside CORS, so a preflight from a configured origin is answered before
+    # its checks, and refusals carry CORS headers for the origins allowed to read them.
+    front: ASGIApp = DirectRoutes(
+        partial(FastAPI.__call__, app),
         routes={
             "/v1/chat/completions": openai.chat_completions,
             "/v1/responses": responses.create_response,
@@ -188,11 +210,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_error=_gateway_error,
         on_unexpected=_unexpected,
     )
-    app.add_middleware(Guard, settings=settings, refused=metrics.refused)
+    front = Guard(front, settings=settings, refused=metrics.refused)
     if settings.cors_origins:
         origins = settings.cors_origins
-        app.add_middleware(
-            CORSMiddleware,
+        front = CORSMiddleware(
+            front,
             allow_origins=origins,
             # Clients authenticate with a Bearer key, not cookies; and a
             # wildcard origin must never be combined with credentials.
@@ -211,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Location"],
             max_age=600,
         )
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.front = RequestContext(front, max_body_bytes=settings.max_body_bytes)
     return app
 
 

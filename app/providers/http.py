@@ -49,17 +49,18 @@ class UpstreamSession:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, connect=connect_timeout
         )
-        self._headers: dict[str, str] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def _start(self) -> aiohttp.ClientSession:
         sdk = self._sdk
         headers = {**sdk.default_headers, **sdk.auth_headers}
-        self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+        # The session's defaults: each request copies them by reference, where headers
+        # passed per request are rebuilt (a dozen new strings held by every open stream).
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=self._timeout,
             auto_decompress=True,
+            headers={k: v for k, v in headers.items() if isinstance(v, str)},
         )
         return self._session
 
@@ -67,9 +68,7 @@ class UpstreamSession:
         """POST JSON; the response once its status is 2xx, else a GatewayError."""
         session = self._session or self._start()
         try:
-            resp = await session.post(
-                self._base + path, data=orjson.dumps(params), headers=self._headers
-            )
+            resp = await session.post(self._base + path, data=orjson.dumps(params))
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout(
                 f"provider '{self.name}' did not accept the connection in time", code="timeout"
@@ -96,7 +95,7 @@ class UpstreamSession:
         """GET a small JSON document (a model list); any failure is a GatewayError."""
         session = self._session or self._start()
         try:
-            async with session.get(self._base + path, headers=self._headers) as resp:
+            async with session.get(self._base + path) as resp:
                 body = await resp.content.read(_ERROR_BODY_LIMIT * 16)
                 status = resp.status
         except (aiohttp.ClientError, OSError, ValueError):
