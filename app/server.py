@@ -33,6 +33,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from app.config import Settings, load_settings
 from app.errors import InvalidRequest
 from app.logs import configure as configure_logs
+from app.wire.sse import ON_DISCONNECT
 
 
 def _ignore(limit: str) -> None:
@@ -82,6 +83,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # Set while a declared body is awaited (Content-Length or Transfer-Encoding).
         self._has_body = False
         self._body_timer: asyncio.TimerHandle | None = None
+        # The running response's disconnect callback (app.wire.sse.ON_DISCONNECT), with
+        # the request cycle it belongs to; one bound method per connection serves all.
+        self._on_lost: tuple[Any, Callable[[], None]] | None = None
+        self._hook = self._on_disconnect
+
+    def _on_disconnect(self, scope: dict[str, Any], callback: Callable[[], None] | None) -> bool:
+        """Call ``callback`` when the client of ``scope``'s request goes away before its
+        response is complete; ``None`` forgets it. False when ``scope`` is not the
+        connection's current request (a pipelined one): the caller watches ``receive``."""
+        cycle = self.cycle
+        if callback is None:
+            if self._on_lost is not None and self._on_lost[0].scope is scope:
+                self._on_lost = None
+            return True
+        if cycle is None or cycle.scope is not scope or cycle.disconnected:
+            return False
+        self._on_lost = (cycle, callback)
+        return True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -91,7 +110,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_body_timer()
+        lost, self._on_lost = self._on_lost, None
         super().connection_lost(exc)
+        if lost is not None and lost[0].disconnected:  # set by uvicorn: response incomplete
+            lost[1]()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, but a request refused here is not answered 400 as well.
@@ -123,6 +145,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[ON_DISCONNECT] = self._hook  # type: ignore[literal-required]
         self._in_head = self._head_new = True
         self._has_body = False
         self._head_left = self._raw_left = self.limits.max_header_bytes

@@ -48,12 +48,16 @@ class _Server(uvicorn.Server):
 
 
 class GatewayServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, plain: bool = False) -> None:
         self.settings = settings
+        self.plain = plain
         self.app = create_app(settings)
-        # The options `python -m app` runs with (app.server), on a free port.
+        # The options `python -m app` runs with (app.server), on a free port; ``plain``:
+        # uvicorn's own HTTP protocol, as under `uvicorn app.main:create_app --factory`.
         options = uvicorn_options(settings, self.app)
         options.update(host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
+        if plain:
+            options.update(http="httptools", ws="auto")
         config = uvicorn.Config(**options)
         self.server = _Server(config)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
@@ -154,11 +158,12 @@ def make_gateway() -> Iterator[Any]:
     servers: list[GatewayServer] = []
 
     def make(
-        openai_fake: Any = None, anthropic_fake: Any = None, **overrides: Any
+        openai_fake: Any = None, anthropic_fake: Any = None, plain: bool = False, **overrides: Any
     ) -> GatewayServer:
         providers = fake_providers(openai_fake, anthropic_fake)
         providers.update(overrides.pop("providers", {}))
-        server = GatewayServer(make_settings(providers=providers, **overrides)).start()
+        server = GatewayServer(make_settings(providers=providers, **overrides), plain=plain)
+        server.start()
         servers.append(server)
         return server
 

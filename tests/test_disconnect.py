@@ -13,10 +13,15 @@ from tests.fakes import Scenario
 DRIP = Scenario(chunks=[f"t{i}" for i in range(200)], interval=0.05)
 
 
-@pytest.fixture
-def gw(make_gateway, openai_fake, anthropic_fake):
+@pytest.fixture(params=["gateway", "plain"])
+def gw(request, make_gateway, openai_fake, anthropic_fake):
+    """The gateway's own server, whose HTTP protocol calls the response back on a
+    disconnect; and plain uvicorn, where a watcher task waits on ``receive``."""
     return make_gateway(
-        openai_fake=openai_fake, anthropic_fake=anthropic_fake, default_model="openai/gpt-4o-mini"
+        openai_fake=openai_fake,
+        anthropic_fake=anthropic_fake,
+        default_model="openai/gpt-4o-mini",
+        plain=request.param == "plain",
     )
 
 
@@ -75,3 +80,85 @@ def test_openai_sdk_client_closing_the_stream(gw, openai_fake):
     left = time.monotonic()
     assert openai_fake.wait_closed(0, timeout=3) - left < 1.0
     assert openai_fake.attempts[0].closed_by_client
+
+
+def watchers(gw) -> int:
+    """Watcher tasks (``SSEResponse._watch``) running in the gateway's loop."""
+    import asyncio
+
+    found: list[int] = []
+    gw.call(
+        lambda: found.append(
+            sum(
+                1
+                for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "").endswith("._watch")
+            )
+        )
+    )
+    return found[0]
+
+
+HELD = Scenario(chunks=["a", "b"], first_token_delay=30)
+MSG = [{"role": "user", "content": "hi"}]
+SSE_ROUTES = [
+    ("POST", "/chat/stream", {"prompt": "hi"}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "openai/gpt-4o-mini", "messages": MSG, "stream": True},
+    ),
+    ("POST", "/v1/responses", {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True}),
+    (
+        "POST",
+        "/v1/messages",
+        {"model": "openai/gpt-4o-mini", "max_tokens": 9, "messages": MSG, "stream": True},
+    ),
+    ("POST", "/chat/fanout", {"prompt": "hi", "models": ["openai/gpt-4o-mini", "compat/Qwen3-8B"]}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), SSE_ROUTES)
+def test_which_path_sees_the_disconnect(gw, openai_fake, method, path, body):
+    """Under the gateway's server no route starts a watcher task per response (the
+    protocol calls back); under plain uvicorn each response has one. Either way the
+    upstream is closed within 1 s of the client leaving."""
+    openai_fake.default = HELD
+    plain = gw.plain
+    with httpx.stream(method, gw.url + path, json=body, timeout=10) as r:
+        assert r.status_code == 200
+        n = 2 if path == "/chat/fanout" else 1
+        openai_fake.wait_for_attempts(n, timeout=3)
+        assert watchers(gw) == (1 if plain else 0)
+    left = time.monotonic()
+    for i in range(n):
+        assert openai_fake.wait_closed(i, timeout=3) - left < 1.0
+    wait_for(lambda: watchers(gw) == 0)
+
+
+def wait_for(condition, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", ["GET /chat/stream", "POST /chat/streams"])
+def test_a_resumable_reader_leaving(gw, openai_fake, how):
+    """A resumable stream's reader leaving ends its response (seen by the same path);
+    the generation goes on for a reader that reconnects."""
+    openai_fake.default = HELD
+    if how == "GET /chat/stream":
+        url = gw.url + "/chat/stream?prompt=hi"
+    else:
+        url = (
+            gw.url
+            + httpx.post(gw.url + "/chat/streams", json={"prompt": "hi"}).json()["events_url"]
+        )
+    with httpx.stream("GET", url, timeout=10) as r:
+        assert r.status_code == 200
+        openai_fake.wait_for_attempts(1, timeout=3)
+        assert watchers(gw) == (1 if gw.plain else 0)
+        assert gw.app.state.gateway.dispatch.capacity.readers == 1
+    wait_for(lambda: watchers(gw) == 0 and gw.app.state.gateway.dispatch.capacity.readers == 0)
+    assert openai_fake.attempts[0].closed_at is None

@@ -12,9 +12,11 @@ streaming loop, body cleanup on failure, send lock and timeouts), run leaner:
 
 - sse-starlette starts four tasks per response in an anyio task group (the
   stream, pings, a shutdown listener, a disconnect listener). Here the stream
-  runs in the request's own task, one watcher task waits for the client's
-  disconnect (cancelling the stream, as the task group would), and a timer
-  sends the keep-alive pings (a task only while one is being sent); the send
+  runs in the request's own task; the client's disconnect cancels it (as the
+  task group would), called back by the gateway's HTTP protocol
+  (``ON_DISCONNECT``, set by ``app.server``) or, under another server, seen by
+  one watcher task waiting on ``receive``; a timer sends the keep-alive pings
+  (a task only while one is being sent); the send
   lock is asyncio's, which makes its waiter queue only when someone waits.
   Shutdown is the gateway's own (``app.shutdown``), so sse-starlette's
   listener is not started. This saves about a hundred µs of task and
@@ -80,6 +82,21 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(comment="ping", sep="\n")
 
 
+# The headers every SSE response carries, one tuple for all responses.
+_SHARED = {
+    h: h
+    for h in [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+        (b"connection", b"keep-alive"),
+    ]
+}
+
+# A scope key set by the gateway's HTTP protocol (app.server): a DisconnectHook.
+ON_DISCONNECT = "gateway.on_disconnect"
+DisconnectHook = Callable[[Scope, Callable[[], None] | None], bool]
+
 _PING_MESSAGE: Message = {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
 
 
@@ -91,6 +108,8 @@ class SSEResponse(EventSourceResponse):
         # asyncio's lock makes its waiter queue only when someone waits; anyio's makes it
         # up front: 2 KiB per open stream for a lock that pings alone contend for.
         self._send_lock = asyncio.Lock()  # type: ignore[assignment]
+        # Held for the stream's life: the constant headers as one shared tuple each.
+        self.raw_headers = [_SHARED.get(h, h) for h in self.raw_headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "HEAD" or self.data_sender_callable:
@@ -98,7 +117,20 @@ class SSEResponse(EventSourceResponse):
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, send, task))
+        self._task = task
+        loop = asyncio.get_running_loop()
+        # The gateway's server calls back on a disconnect; any other server is watched
+        # through ``receive`` by a task.
+        hook: DisconnectHook | None = scope.get(ON_DISCONNECT)
+        watcher = None
+        if hook is None or not hook(scope, self._client_left):
+            watcher = loop.create_task(self._watch(receive))
+        self._pinging: asyncio.Task[None] | None = None  # held: a lone task may be collected
+        self._timer = (
+            loop.call_later(self._ping_interval, self._ping_due, send)
+            if self._ping_interval > 0
+            else None
+        )
         try:
             await self._stream_response(send)
         except asyncio.CancelledError:
@@ -107,38 +139,37 @@ class SSEResponse(EventSourceResponse):
                 raise
         finally:
             self.active = False  # no ping after a body that failed
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            elif hook is not None:
+                hook(scope, None)
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._pinging is not None:
+                self._pinging.cancel()
         if self.background is not None:
             await self.background()
 
-    async def _watch(self, receive: Receive, send: Send, task: asyncio.Task[Any]) -> None:
-        """One task per response: the client's disconnect (which cancels the stream, as
-        sse-starlette's task group would); the keep-alive pings come from a timer."""
-        loop = asyncio.get_running_loop()
-        interval = self._ping_interval
-        timer: asyncio.TimerHandle | None = None
-        pinging: asyncio.Task[None] | None = None  # held: a task nobody holds may be collected
-
-        def due() -> None:
-            nonlocal timer, pinging
-            timer = loop.call_later(interval, due)
-            if pinging is None or pinging.done():
-                pinging = loop.create_task(self._ping_once(send))
-
-        if interval > 0:
-            timer = loop.call_later(interval, due)
-        try:
-            while (await receive())["type"] != "http.disconnect":
-                pass  # the body was read by the route; the next message is the disconnect
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if pinging is not None:
-                pinging.cancel()
+    def _client_left(self) -> None:
+        """The client went away: cancel the stream, as sse-starlette's task group would."""
         self._client_disconnected = True
         if self.active:
             self.active = False
-            task.cancel()
+            self._task.cancel()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the body was read by the route; the next message is the disconnect
+        self._client_left()
+
+    def _ping_due(self, send: Send) -> None:
+        if not self.active:
+            return
+        self._timer = asyncio.get_running_loop().call_later(
+            self._ping_interval, self._ping_due, send
+        )
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.get_running_loop().create_task(self._ping_once(send))
 
     async def _ping_once(self, send: Send) -> None:
         async with self._send_lock:
