@@ -32,7 +32,7 @@ from app.dispatch import Dispatch
 from app.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from app.guard import Guard, SecurityHeaders
 from app.metrics import Metrics
-from app.middleware import RequestContext
+from app.middleware import RequestContext, internal_error, report_unexpected
 from app.providers import build_provider
 from app.providers.base import Provider
 from app.ratelimit import make_rate_limits
@@ -80,11 +80,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # The client gets no detail; the log gets the type (and the trace at debug).
-    rid = request.scope.get("state", {}).get("request_id", "-")
-    log.error(
-        "unhandled %s rid=%s", type(exc).__name__, rid, exc_info=log.isEnabledFor(logging.DEBUG)
-    )
-    return _json(500, GatewayError("internal error").json_bytes())
+    report_unexpected(request.scope, exc)
+    return _json(500, internal_error(request.url.path))
 
 
 class GatewayApp(FastAPI):

@@ -14,10 +14,11 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge
+from app.errors import GatewayError, PayloadTooLarge
 from app.wire.errors import error_body
 
 log = logging.getLogger("app.access")
+_app_log = logging.getLogger("app")
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -74,6 +75,14 @@ class RequestContext:
 
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
+            except Exception as exc:
+                # Outside every handler (the gateway's middleware runs in front of
+                # FastAPI's error layer): the same JSON 500, if nothing was sent yet;
+                # after that the server closes the connection, a cut that no client
+                # takes for a whole answer.
+                report_unexpected(scope, exc)
+                if not status:
+                    await _respond_json(send_wrapper, 500, internal_error(scope["path"]))
             finally:
                 route = getattr(scope.get("route"), "path", None) or "other"
                 _count(scope, route, status)
@@ -122,6 +131,40 @@ class RequestContext:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def internal_error(path: str) -> bytes:
+    """The body of a 500: no detail, in the shape of the path's protocol."""
+    return error_body(path, GatewayError("internal error"))
+
+
+def report_unexpected(scope: Scope, exc: BaseException) -> None:
+    """One log line per request for an exception no handler expected: its type and the
+    request id; the traceback only at debug level (a frame's text may quote a request)."""
+    state = scope.setdefault("state", {})
+    if state.get("unexpected_reported"):
+        return
+    state["unexpected_reported"] = True
+    _app_log.error(
+        "unhandled %s rid=%s",
+        type(exc).__name__,
+        state.get("request_id", "-"),
+        exc_info=_app_log.isEnabledFor(logging.DEBUG),
+    )
+
+
+async def _respond_json(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _count(scope: Scope, route: str, status: int | None) -> None:

@@ -15,6 +15,13 @@ connections are uvicorn's ``timeout_keep_alive``; WebSocket messages over
 header, before their payload is buffered (or, compressed, as they inflate).
 Every refusal is counted in ``gateway_limit_refusals_total{limit=...}``:
 ``header_size``, ``header_timeout``, ``ws_message_size``.
+
+It also tells an SSE response that its client is gone
+(``app.wire.sse.ON_DISCONNECT``): a callback from ``connection_lost``, where
+otherwise each response would hold a task waiting on ``receive()`` for the
+disconnect. The running request is the one tracked, not uvicorn's newest: a
+client that pipelines a request behind its stream and leaves is seen (at the
+stream's next write: nothing is read while a pipelined request waits).
 """
 
 from __future__ import annotations
@@ -83,21 +90,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # Set while a declared body is awaited (Content-Length or Transfer-Encoding).
         self._has_body = False
         self._body_timer: asyncio.TimerHandle | None = None
-        # The running response's disconnect callback (app.wire.sse.ON_DISCONNECT), with
-        # the request cycle it belongs to; one bound method per connection serves all.
+        # The running request's cycle (a pipelined one waits its turn), and its response's
+        # disconnect callback (app.wire.sse.ON_DISCONNECT) with the cycle it belongs to.
+        self._running: Any = None
         self._on_lost: tuple[Any, Callable[[], None]] | None = None
-        self._hook = self._on_disconnect
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def _on_disconnect(self, scope: dict[str, Any], callback: Callable[[], None] | None) -> bool:
-        """Call ``callback`` when the client of ``scope``'s request goes away before its
-        response is complete; ``None`` forgets it. False when ``scope`` is not the
-        connection's current request (a pipelined one): the caller watches ``receive``."""
-        cycle = self.cycle
+        """Call ``callback`` if the connection is lost before ``scope``'s response is
+        complete; ``None`` forgets it. False when that cannot be promised (not the
+        running request, or its client already gone): the caller watches ``receive``."""
         if callback is None:
             if self._on_lost is not None and self._on_lost[0].scope is scope:
                 self._on_lost = None
             return True
-        if cycle is None or cycle.scope is not scope or cycle.disconnected:
+        cycle = self._running
+        if (
+            cycle is None
+            or cycle.scope is not scope
+            or cycle.response_complete
+            or cycle.disconnected
+            or self.transport.is_closing()
+        ):
             return False
         self._on_lost = (cycle, callback)
         return True
@@ -111,8 +128,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._stop_head_timer()
         self._stop_body_timer()
         lost, self._on_lost = self._on_lost, None
+        running, self._running = self._running, None
         super().connection_lost(exc)
-        if lost is not None and lost[0].disconnected:  # set by uvicorn: response incomplete
+        # The scopes' hooks point back here: a closed connection is freed without the
+        # cycle collector. (uvicorn marks only its newest request disconnected, not a
+        # running one with a pipelined request behind it, so completeness is checked.)
+        for scope in (self.scope, running and running.scope, *(c.scope for c, _ in self.pipeline)):
+            if scope:
+                scope.pop(ON_DISCONNECT, None)
+        if lost is not None and not lost[0].response_complete:
             lost[1]()
 
     def data_received(self, data: bytes) -> None:
@@ -145,7 +169,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope[ON_DISCONNECT] = self._hook  # type: ignore[literal-required]
+        self.scope[ON_DISCONNECT] = self._on_disconnect  # type: ignore[literal-required]
         self._in_head = self._head_new = True
         self._has_body = False
         self._head_left = self._raw_left = self.limits.max_header_bytes

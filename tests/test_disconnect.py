@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import socket
 import time
+import weakref
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.fakes import Scenario
@@ -162,3 +166,53 @@ def test_a_resumable_reader_leaving(gw, openai_fake, how):
         assert gw.app.state.gateway.dispatch.capacity.readers == 1
     wait_for(lambda: watchers(gw) == 0 and gw.app.state.gateway.dispatch.capacity.readers == 0)
     assert openai_fake.attempts[0].closed_at is None
+
+
+def _raw_post(port: int, path: str, body: dict) -> socket.socket:
+    data = orjson.dumps(body)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data)
+    )
+    return s
+
+
+def test_a_pipelined_request_does_not_hide_the_disconnect(make_gateway, openai_fake):
+    """A client that sends a second request behind its open stream, then leaves: uvicorn
+    marks only the newest request disconnected (and reads nothing more while one waits),
+    so the running stream learns of it when its next write (here a ping) finds the
+    connection gone; then the upstream is closed."""
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model="openai/gpt-4o-mini", ping_interval_s=0.3
+    )
+    openai_fake.default = HELD
+    body = {"model": "openai/gpt-4o-mini", "messages": MSG, "stream": True}
+    s = _raw_post(gw.port, "/v1/chat/completions", body)
+    openai_fake.wait_for_attempts(1, timeout=3)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    time.sleep(0.2)
+    s.close()
+    left = time.monotonic()
+    assert openai_fake.wait_closed(0, timeout=5) - left < 3.0
+    assert openai_fake.attempts[0].closed_by_client
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector(make_gateway, openai_fake):
+    """The hook each request's scope holds points back at its connection's protocol; it
+    is dropped on close, so nothing waits for a full collection (which the frozen heap
+    makes rare) to free a connection, its scope and its request state."""
+    gw = make_gateway(openai_fake=openai_fake, default_model="openai/gpt-4o-mini")
+    openai_fake.default = Scenario(chunks=["a", "b"])
+    refs: list[weakref.ref] = []
+    gc.collect()
+    gc.disable()
+    try:
+        with httpx.Client(timeout=10) as c:
+            assert c.post(gw.url + "/chat/stream", json={"prompt": "hi"}).status_code == 200
+            gw.call(lambda: refs.extend(weakref.ref(p) for p in gw.server.server_state.connections))
+        assert refs
+        wait_for(lambda: all(r() is None for r in refs))
+    finally:
+        gc.enable()

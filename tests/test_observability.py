@@ -97,3 +97,73 @@ def test_logs_are_json_with_one_summary_per_stream_and_no_secrets(gw, openai_fak
     everything = "\n".join(lines)
     for secret in (PROMPT, CLIENT_KEY, "sk-test-upstream-key", "access_token"):
         assert secret not in everything
+
+
+# -- a bug's 500 --------------------------------------------------------------------------
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _boom(*_args: object, **_kw: object) -> object:
+    raise Boom("an internal detail 93c1")
+
+
+class _BrokenResponse:
+    async def __call__(self, scope: object, receive: object, send: object) -> None:
+        raise Boom("an internal detail 93c1")
+
+
+UNHANDLED = "unhandled Boom"
+
+
+def _unhandled_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(UNHANDLED)]
+
+
+def _check_500(r: httpx.Response, caplog: pytest.LogCaptureFixture, *, anthropic: bool = False):
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    message = body["error"]["message"]
+    assert message == "internal error" and "93c1" not in r.text
+    assert (body.get("type") == "error") is anthropic
+    lines = _unhandled_lines(caplog)
+    assert len(lines) == 1, [x.getMessage() for x in lines]  # once, whichever layer caught it
+    assert lines[0].getMessage() == f"{UNHANDLED} rid={r.headers['x-request-id']}"
+    assert not lines[0].exc_info  # no traceback at info level
+    everything = "".join(JsonFormatter().format(x) for x in caplog.records)
+    assert "93c1" not in everything and "Traceback" not in everything
+
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/chat/completions", {**CHAT, "stream": True}),  # a direct route
+        ("POST", "/v1/messages", {**CHAT, "max_tokens": 5, "stream": True}),  # direct, Anthropic's
+        ("GET", "/chat/stream?prompt=hi", None),  # FastAPI's path
+    ],
+)
+def test_a_bug_in_a_route_is_a_json_500_and_one_log_line(
+    gw, caplog, monkeypatch, method, path, body
+):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(gw.app.state.gateway.router, "resolve", _boom)
+    r = httpx.request(method, gw.url + path, json=body, headers=AUTH, timeout=10)
+    _check_500(r, caplog, anthropic=path == "/v1/messages")
+
+
+def test_a_bug_in_a_response_before_it_starts_is_a_json_500(gw, caplog, monkeypatch):
+    """Raised by the response itself, outside every route's handler (a direct route's
+    response runs in front of FastAPI's error layer): the gateway's middleware answers."""
+    import app.api.chat
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(app.api.chat, "sse_response", lambda *a, **k: _BrokenResponse())
+    r = httpx.post(gw.url + "/chat/stream", json={"prompt": "hi"}, headers=AUTH, timeout=10)
+    _check_500(r, caplog)
+    assert httpx.get(gw.url + "/healthz").status_code == 200  # and the server is fine

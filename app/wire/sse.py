@@ -174,7 +174,9 @@ class SSEResponse(EventSourceResponse):
     async def _ping_once(self, send: Send) -> None:
         async with self._send_lock:
             if self.active:
-                with suppress(OSError):  # the client left: the watcher sees it
+                # The client left (uvloop: RuntimeError on a closed transport); the
+                # disconnect is seen where it is watched.
+                with suppress(OSError, RuntimeError):
                     await self._send_with_timeout(send, _PING_MESSAGE)
 
     async def _listen_for_exit_signal_with_grace(self) -> None:
