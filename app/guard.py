@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import GatewayError, HostNotAllowed, OriginNotAllowed, UnsupportedMediaType
-from app.wire.errors import error_body
+from app.wire.errors import error_body, send_json
 
 # POST routes that take a JSON body; every later /v1/* POST is one too.
 JSON_ROUTES = frozenset({"/chat/stream", "/chat/streams", "/chat/fanout"})
@@ -190,7 +190,7 @@ class Guard:
         if websocket:
             await _refuse_websocket(scope, receive, send, error)
         else:
-            await _respond(send, error.http_status, error_body(scope["path"], error))
+            await send_json(send, error.http_status, error_body(scope["path"], error))
 
     def _host_error(self, host: bytes | None) -> GatewayError:
         shown = f"'{_shown(host)}'" if host is not None else "(none)"
@@ -218,20 +218,6 @@ def _is_json(ctype: bytes | None) -> bool:
     if ctype is None:
         return False
     return ctype.partition(b";")[0].strip().lower() == b"application/json"
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _refuse_websocket(

@@ -15,7 +15,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, PayloadTooLarge
-from app.wire.errors import error_body
+from app.wire.errors import error_body, send_json
 
 log = logging.getLogger("app.access")
 _app_log = logging.getLogger("app")
@@ -82,7 +82,7 @@ class RequestContext:
                 # takes for a whole answer.
                 report_unexpected(scope, exc)
                 if not status:
-                    await _respond_json(send_wrapper, 500, internal_error(scope["path"]))
+                    await send_json(send_wrapper, 500, internal_error(scope["path"]))
             finally:
                 route = getattr(scope.get("route"), "path", None) or "other"
                 _count(scope, route, status)
@@ -118,19 +118,7 @@ class RequestContext:
     @staticmethod
     async def _too_large(send: Send, limit: int, path: str) -> None:
         error = PayloadTooLarge(_too_large_message(limit), code="request_too_large")
-        body = error_body(path, error)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, error_body(path, error), [(b"connection", b"close")])
 
 
 def internal_error(path: str) -> bytes:
@@ -151,20 +139,6 @@ def report_unexpected(scope: Scope, exc: BaseException) -> None:
         state.get("request_id", "-"),
         exc_info=_app_log.isEnabledFor(logging.DEBUG),
     )
-
-
-async def _respond_json(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _count(scope: Scope, route: str, status: int | None) -> None:
