@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     # trickling a declared body would otherwise hold the connection forever).
     body_timeout_s: float = Field(default=60.0, gt=0)
     keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    # Client connections this process holds at once (idle, keep-alive or streaming);
+    # one more is answered 503 and closed as it connects.
+    max_connections: int = Field(default=16_384, ge=1)
     # /ws/chat: the largest message a client may send (unset: GATEWAY_MAX_BODY_BYTES),
     # and how long an unauthenticated connection may take to send its auth frame.
     ws_max_message_bytes: int | None = Field(default=None, ge=1024)

@@ -13,8 +13,10 @@ head is unfinished; nothing is added per body chunk. Idle keep-alive
 connections are uvicorn's ``timeout_keep_alive``; WebSocket messages over
 ``ws_max_bytes()`` are refused by the protocol (close 1009) from the frame
 header, before their payload is buffered (or, compressed, as they inflate).
+A connection beyond ``max_connections`` open in this process is answered
+503 and closed as it connects, before anything of it is read or held.
 Every refusal is counted in ``gateway_limit_refusals_total{limit=...}``:
-``header_size``, ``header_timeout``, ``ws_message_size``.
+``connections``, ``header_size``, ``header_timeout``, ``ws_message_size``.
 
 It also tells an SSE response that its client is gone
 (``app.wire.sse.ON_DISCONNECT``): a callback from ``connection_lost``, where
@@ -38,7 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from app.config import Settings, load_settings
-from app.errors import InvalidRequest
+from app.errors import GatewayError, InvalidRequest, Overloaded
 from app.logs import configure as configure_logs
 from app.wire.sse import ON_DISCONNECT
 
@@ -52,6 +54,7 @@ class TransportLimits:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    max_connections: int = 16_384
     # Called with the limit's name on each refusal (the app's refusal counter).
     on_refused: Callable[[str], None] = _ignore
 
@@ -61,6 +64,7 @@ class TransportLimits:
             settings.max_header_bytes,
             settings.header_timeout_s,
             settings.body_timeout_s,
+            settings.max_connections,
             on_refused,
         )
 
@@ -121,6 +125,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            # Before anything is read: what an idle connection holds is not held.
+            self.limits.on_refused("connections")
+            limit = self.limits.max_connections
+            error = Overloaded(
+                f"this gateway process holds its limit of {limit} connections "
+                "(GATEWAY_MAX_CONNECTIONS); retry shortly",
+                code="too_many_connections",
+            )
+            status = http.HTTPStatus.SERVICE_UNAVAILABLE
+            self._answer_and_close(status, error, b"retry-after: 1\r\n")
+            return
         # From the connect: a client that sends nothing is closed too.
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
@@ -232,18 +248,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         limit = self.limits.max_header_bytes
-        body = InvalidRequest(
+        error = InvalidRequest(
             f"the request line and headers are larger than {limit} bytes "
             "(GATEWAY_MAX_HEADER_BYTES)",
             code="request_header_fields_too_large",
-        ).json_bytes()
-        status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+        )
+        self._answer_and_close(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, error)
+
+    def _answer_and_close(
+        self, status: http.HTTPStatus, error: GatewayError, extra: bytes = b""
+    ) -> None:
+        """A refusal written straight to the socket, outside any request cycle."""
+        body = error.json_bytes()
         head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            extra,
             b"connection: close\r\n\r\n",
             body,
         ]

@@ -379,3 +379,45 @@ async def test_a_trickled_body_is_closed_after_the_body_timeout(gw: Gateway) -> 
     assert 0.9 < authed < 2.5, authed
     assert gw.refusals("body_timeout") == timeouts + 2
     probe.check()
+
+
+# -- connections ---------------------------------------------------------------------------
+
+
+def test_connections_over_the_cap_are_refused_as_they_connect(make_gateway):
+    """GATEWAY_MAX_CONNECTIONS: one connection more than the cap is answered 503 and
+    closed before anything of it is read; when one leaves, the next is served."""
+    gw = make_gateway(max_connections=3, header_timeout_s=30)
+
+    def held_now() -> int:
+        found: list[int] = []
+        gw.call(lambda: found.append(len(gw.server.server_state.connections)))
+        return found[0]
+
+    held = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 3
+        while held_now() < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=3) as extra:
+            answer = b""
+            while chunk := extra.recv(4096):
+                answer += chunk  # to the server's close
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "too_many_connections"
+        assert "GATEWAY_MAX_CONNECTIONS" in error["message"]
+        # The held ones are untouched; one leaves, and a new client is served.
+        held.pop().close()
+        deadline = time.monotonic() + 3
+        while held_now() > 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        metrics = httpx.get(gw.url + "/metrics", timeout=5).text
+        assert 'gateway_limit_refusals_total{limit="connections"} 1.0' in metrics
+    finally:
+        for s in held:
+            s.close()
