@@ -33,6 +33,7 @@ import gc
 import http
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import httptools
@@ -103,14 +104,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._running = cycle
         super()._start_asgi_task(cycle, app)
 
-    def _on_disconnect(self, scope: dict[str, Any], callback: Callable[[], None] | None) -> bool:
+    def _on_disconnect(
+        self, scope: dict[str, Any], callback: Callable[[], None]
+    ) -> Callable[[], None] | None:
         """Call ``callback`` if the connection is lost before ``scope``'s response is
-        complete; ``None`` forgets it. False when that cannot be promised (not the
+        complete; returns what forgets it. None when that cannot be promised (not the
         running request, or its client already gone): the caller watches ``receive``."""
-        if callback is None:
-            if self._on_lost is not None and self._on_lost[0].scope is scope:
-                self._on_lost = None
-            return True
         cycle = self._running
         if (
             cycle is None
@@ -119,9 +118,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             or cycle.disconnected
             or self.transport.is_closing()
         ):
-            return False
-        self._on_lost = (cycle, callback)
-        return True
+            return None
+        entry = (cycle, callback)
+        self._on_lost = entry
+        return partial(self._forget, entry)
+
+    def _forget(self, entry: tuple[Any, Callable[[], None]]) -> None:
+        if self._on_lost is entry:
+            self._on_lost = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -87,7 +87,7 @@ def test_openai_sdk_client_closing_the_stream(gw, openai_fake):
 
 
 def watchers(gw) -> int:
-    """Watcher tasks (``SSEResponse._watch``) running in the gateway's loop."""
+    """Watcher tasks (``watch_disconnect``'s) running in the gateway's loop."""
     import asyncio
 
     found: list[int] = []
@@ -96,7 +96,7 @@ def watchers(gw) -> int:
             sum(
                 1
                 for t in asyncio.all_tasks()
-                if getattr(t.get_coro(), "__qualname__", "").endswith("._watch")
+                if getattr(t.get_coro(), "__qualname__", "") == "watch_disconnect.<locals>.watch"
             )
         )
     )

@@ -146,3 +146,28 @@ def test_event_ids_are_unique_per_stream(gw):
     b = read_sse(httpx.post(gw.url + "/chat/stream", json={"prompt": "b"}))
     assert a[0].json()["id"] != b[0].json()["id"]
     assert all(re.fullmatch(r"gen_[0-9a-f]+:\d+", e.id) for e in a + b)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/stream", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    ],
+)
+def test_nothing_follows_the_terminator_while_the_upstream_tail_drains(
+    make_gateway, openai_fake, path, body
+):
+    """The end is sent as soon as the finish and usage are known; the response stays
+    open while the upstream's tail is read (here it never comes: the tail wait), and
+    no keep-alive ping may follow the [DONE] meanwhile."""
+    gw = make_gateway(
+        openai_fake=openai_fake, default_model="openai/gpt-4o-mini", ping_interval_s=0.05
+    )
+    openai_fake.default = Scenario(chunks=["a", "b"], fault="no_done")
+    raw = b""
+    with httpx.stream("POST", gw.url + path, json=body, timeout=10) as r:
+        for chunk in r.iter_raw():
+            raw += chunk
+    assert raw.count(b"data: [DONE]\n\n") == 1
+    assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]

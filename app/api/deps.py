@@ -31,6 +31,7 @@ from app.routing import Route, Router
 from app.shutdown import Drain
 from app.streams import Streams
 from app.upstreams import Upstreams
+from app.wire.sse import watch_disconnect
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -238,25 +239,19 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
 
     Retries and backoff can hold a request for seconds before the response
     starts (and a non-streamed answer until its end), and uvicorn does not
-    cancel a handler whose client left: a watcher on ``receive()`` does, so
-    that no upstream is called, or kept generating, for nobody.
+    cancel a handler whose client left: ``watch_disconnect`` does, so that no
+    upstream is called, or kept generating, for nobody.
     """
     task = asyncio.current_task()
     assert task is not None
-    receive = request.receive
     gone = False
 
-    async def watch() -> None:
+    def left() -> None:
         nonlocal gone
-        try:
-            while (await receive())["type"] != "http.disconnect":
-                pass  # an empty GET body; the next message is the disconnect
-        except Exception:
-            return
         gone = True
         task.cancel()
 
-    watcher = asyncio.create_task(watch())
+    stop_watching = watch_disconnect(request.scope, request.receive, left)
     try:
         return await work
     except asyncio.CancelledError:
@@ -264,7 +259,7 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
             raise ClientClosed("the client closed the request") from None
         raise
     finally:
-        watcher.cancel()
+        stop_watching()
 
 
 async def start_generation(

@@ -37,6 +37,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -45,7 +46,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.types import Message, Receive, Scope, Send
 
-from app.events import RelayEvent
+from app.events import End, RelayEvent
 
 DONE = b"data: [DONE]\n\n"
 _LS, _PS = "\u2028".encode(), "\u2029".encode()
@@ -58,19 +59,30 @@ def dumps(obj: Any) -> bytes:
     return out
 
 
+# How a body tells the response iterating it that its last piece (the terminator) is
+# out: the response sets a cell in its own task's context before iterating the body,
+# which runs in that task. After it, not even a keep-alive ping is sent, though the
+# body may still be busy (reading the upstream's tail, releasing its slot).
+_ENDED: ContextVar[list[bool] | None] = ContextVar("sse_body_ended", default=None)
+
+
 async def encoded(
     encode: Callable[[list[RelayEvent]], bytes],
     events: AsyncIterator[list[RelayEvent]],
     first: bytes = b"",
 ) -> AsyncIterator[bytes]:
     """A protocol's body: each batch of events as ``encode`` writes it (``first`` before
-    them), one piece per batch, nothing for a batch that encodes to nothing."""
+    them), one piece per batch, nothing for a batch that encodes to nothing. The batch
+    that holds the ``End`` (the relay's last) ends the response's pings."""
+    ended = _ENDED.get()
     if first:
         yield first
     async for batch in events:
         data = encode(batch)
         if data:
             yield data
+        if ended is not None and isinstance(batch[-1], End):
+            ended[0] = True
 
 
 def retry_hint(base_ms: int = 3000) -> bytes:
@@ -93,9 +105,34 @@ _SHARED = {
     ]
 }
 
-# A scope key set by the gateway's HTTP protocol (app.server): a DisconnectHook.
+# A scope key set by the gateway's HTTP protocol (app.server): a DisconnectHook. It
+# registers a callback for the client of that scope leaving before its response is
+# complete, and returns what forgets it; or None when it cannot promise that.
 ON_DISCONNECT = "gateway.on_disconnect"
-DisconnectHook = Callable[[Scope, Callable[[], None] | None], bool]
+DisconnectHook = Callable[[Scope, Callable[[], None]], Callable[[], None] | None]
+
+
+def watch_disconnect(scope: Scope, receive: Receive, gone: Callable[[], None]) -> Callable[[], Any]:
+    """Call ``gone`` if the client of ``scope`` leaves; returns what stops watching.
+
+    The gateway's HTTP protocol calls back (``ON_DISCONNECT``); under another server
+    one task waits on ``receive`` (after the body was read, the next message is the
+    disconnect)."""
+    hook: DisconnectHook | None = scope.get(ON_DISCONNECT)
+    forget = hook(scope, gone) if hook is not None else None
+    if forget is not None:
+        return forget
+
+    async def watch() -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server that ended the request; nothing left to watch
+            return
+        gone()
+
+    return asyncio.get_running_loop().create_task(watch()).cancel
+
 
 _PING_MESSAGE: Message = {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
 
@@ -118,13 +155,10 @@ class SSEResponse(EventSourceResponse):
         task = asyncio.current_task()
         assert task is not None
         self._task = task
+        self._ended = [False]
+        ended_token = _ENDED.set(self._ended)
         loop = asyncio.get_running_loop()
-        # The gateway's server calls back on a disconnect; any other server is watched
-        # through ``receive`` by a task.
-        hook: DisconnectHook | None = scope.get(ON_DISCONNECT)
-        watcher = None
-        if hook is None or not hook(scope, self._client_left):
-            watcher = loop.create_task(self._watch(receive))
+        stop_watching = watch_disconnect(scope, receive, self._client_left)
         self._pinging: asyncio.Task[None] | None = None  # held: a lone task may be collected
         self._timer = (
             loop.call_later(self._ping_interval, self._ping_due, send)
@@ -139,10 +173,8 @@ class SSEResponse(EventSourceResponse):
                 raise
         finally:
             self.active = False  # no ping after a body that failed
-            if watcher is not None:
-                watcher.cancel()
-            elif hook is not None:
-                hook(scope, None)
+            stop_watching()
+            _ENDED.reset(ended_token)
             if self._timer is not None:
                 self._timer.cancel()
             if self._pinging is not None:
@@ -157,13 +189,8 @@ class SSEResponse(EventSourceResponse):
             self.active = False
             self._task.cancel()
 
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the body was read by the route; the next message is the disconnect
-        self._client_left()
-
     def _ping_due(self, send: Send) -> None:
-        if not self.active:
+        if not self.active or self._ended[0]:
             return
         self._timer = asyncio.get_running_loop().call_later(
             self._ping_interval, self._ping_due, send
@@ -173,7 +200,7 @@ class SSEResponse(EventSourceResponse):
 
     async def _ping_once(self, send: Send) -> None:
         async with self._send_lock:
-            if self.active:
+            if self.active and not self._ended[0]:
                 # The client left (uvloop: RuntimeError on a closed transport); the
                 # disconnect is seen where it is watched.
                 with suppress(OSError, RuntimeError):
